@@ -1,0 +1,73 @@
+"""The one narrow interface every model engine implements: ``generate(requests) -> outputs``."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from medlens.chat import Messages
+
+ProgressCallback = Callable[[int], None]
+"""Called with the number of requests just finished."""
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to complete. ``temperature == 0`` means greedy decoding (the MedGemma default)."""
+
+    messages: Messages
+    max_new_tokens: int | None = None
+    temperature: float = 0.0
+    seed: int = 0
+
+    @property
+    def n_images(self) -> int:
+        return sum(
+            1 for m in self.messages for part in _parts(m) if isinstance(part, dict) and part.get("type") == "image"
+        )
+
+
+@dataclass
+class GenerationOutput:
+    """What the model wrote, with control markers that matter (``<unused94>``/``<unused95>``) kept."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" or "length"
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """A loaded model behind one engine (transformers, vLLM, an HTTP server ...)."""
+
+    #: registry name of the engine
+    engine: str = ""
+    #: what the user asked for (``test-tiny``, a directory, an HF id)
+    model_name: str = ""
+    #: set for built-in untrained test models; every result made with them says so
+    is_test_model: bool = False
+    #: default for ``max_new_tokens`` when a request leaves it unset
+    default_max_new_tokens: int = 512
+
+    @abstractmethod
+    def generate(
+        self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
+    ) -> list[GenerationOutput]:
+        """Complete every request, in order."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the model's memory."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _parts(message: dict[str, Any]) -> list[Any]:
+    content = message.get("content", [])
+    return content if isinstance(content, list) else [content]

@@ -1,0 +1,148 @@
+"""The ``medlens`` command line. Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 bugs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medlens import DISCLAIMER
+from medlens.errors import MedlensError
+from medlens.prep import DEFAULT_RECIPE
+
+app = typer.Typer(
+    name="medlens",
+    help=f"Run MedGemma on DICOM, NIfTI and image studies, prepared as MedGemma 1.5 expects. {DISCLAIMER}",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+InputArg = Annotated[Path, typer.Argument(help="DICOM file, folder (searched recursively) or .zip; NIfTI; PNG/JPEG.")]
+RecipeOpt = Annotated[str, typer.Option(help="Preparation recipe.")]
+SeriesOpt = Annotated[
+    str | None, typer.Option(help="SeriesInstanceUID (or its short hash) when the study has several series.")
+]
+ModalityOpt = Annotated[str | None, typer.Option(help="CT, MR, CR ... for inputs without DICOM metadata.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def _reporter(quiet: bool):
+    from medlens.progress import Reporter
+
+    return Reporter(enabled=not quiet)
+
+
+def _note(lines: list[str], quiet: bool) -> None:
+    if not quiet:
+        for line in lines:
+            typer.echo(f"medlens: {line}", err=True)
+
+
+@app.command()
+def prepare(
+    input: InputArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for 0001.png ... and manifest.json.")],
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    series: SeriesOpt = None,
+    modality: ModalityOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write exactly the images the model would see (before the processor's resize) and a manifest."""
+    from medlens.api import prepare_study, write_prepared
+
+    prepared = prepare_study(input, recipe, series, modality, _reporter(quiet))
+    manifest = write_prepared(prepared, out)
+    _note(prepared.warnings, quiet)
+    _note([f"wrote {len(prepared.images)} image(s) ({prepared.modality}, {prepared.family}) and {manifest}"], quiet)
+
+
+@app.command()
+def ask(
+    input: InputArg,
+    question: Annotated[str, typer.Argument(help="The question; it goes after the images.")],
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="test-tiny, a local model folder, or a cached HF id.")
+    ] = "test-tiny",
+    engine: Annotated[str, typer.Option(help="Backend engine.")] = "transformers",
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    series: SeriesOpt = None,
+    modality: ModalityOpt = None,
+    instruction: Annotated[str | None, typer.Option(help="Replace the text placed before the slices.")] = None,
+    think: Annotated[bool, typer.Option("--think", help="Switch on MedGemma's thinking mode.")] = False,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Cap on generated tokens.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Ask MedGemma a question about a study; prints one JSON object."""
+    from medlens.api import ask as ask_api
+
+    result = ask_api(
+        input,
+        question,
+        model,
+        engine=engine,
+        recipe=recipe,
+        series=series,
+        modality=modality,
+        instruction=instruction,
+        thinking=think,
+        max_new_tokens=max_new_tokens,
+        reporter=_reporter(quiet),
+    )
+    typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+
+
+@app.command()
+def inspect(input: InputArg, quiet: QuietOpt = False) -> None:
+    """List the series of a DICOM input (UIDs shown as short hashes, usable with --series)."""
+    from medlens.io.dicom import list_series
+    from medlens.io.discover import discover
+
+    found = discover(input)
+    for cand in list_series(found.dicom, found.skipped):
+        status = "ok" if not cand.problems else f"not usable: {cand.problems[0]}"
+        typer.echo(f"{cand.summary()}  [{status}]")
+    if found.skipped and not quiet:
+        from medlens.io.dicom import skipped_summary
+
+        typer.echo(skipped_summary(found.skipped), err=True)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo study and index.html.")] = Path(
+        "demo-output"
+    ),
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a synthetic CT study, prepare it, ask test-tiny about it, and write DIR/index.html."""
+    from medlens.demo.run import run_demo
+
+    page = run_demo(out, _reporter(quiet))
+    _note([f"demo written: {page}"], quiet)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: typed medlens errors become one line on stderr and exit code 2."""
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except MedlensError as exc:
+        typer.echo(f"medlens: error: {exc}".replace("\n", " "), err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("medlens: interrupted", err=True)
+        sys.exit(130)
+    except typer.exceptions.TyperException as exc:  # usage errors: typer prints them, exit code 2
+        show = getattr(exc, "show", None)
+        if show is None:
+            raise
+        show()
+        sys.exit(getattr(exc, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

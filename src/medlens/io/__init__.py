@@ -1,0 +1,76 @@
+"""Reading studies: DICOM files/folders/zips, NIfTI volumes and image files -> an ordered ImageStack.
+
+``io`` knows files and DICOM, nothing about models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from medlens.errors import NoImagesFoundError, UnsupportedInputError
+from medlens.io.discover import Found, discover
+from medlens.io.types import ImageStack, SliceRef, TableVOI, WindowVOI
+from medlens.registry import Registry
+
+Progress = Callable[[int, int], None]
+Reader = Callable[[Found, str, str | None, str | None, Progress | None], ImageStack]
+
+READERS: Registry[Reader] = Registry("reader")
+
+
+@READERS.register("dicom")
+def _dicom(found: Found, source: str, series: str | None, modality: str | None, progress: Progress | None):
+    from medlens.io.dicom import read_dicom
+
+    return read_dicom(found.dicom, found.skipped, source, series=series, progress=progress)
+
+
+@READERS.register("nifti")
+def _nifti(found: Found, source: str, series: str | None, modality: str | None, progress: Progress | None):
+    from medlens.io.nifti import read_nifti
+
+    return read_nifti(_single(found.nifti, "NIfTI", source), modality)
+
+
+@READERS.register("raster")
+def _raster(found: Found, source: str, series: str | None, modality: str | None, progress: Progress | None):
+    from medlens.io.raster import read_raster
+
+    return read_raster(_single(found.raster, "image", source), modality)
+
+
+def open_input(
+    path: str | Path,
+    series: str | None = None,
+    modality: str | None = None,
+    progress: Progress | None = None,
+) -> ImageStack:
+    """Read ``path`` (file, folder or zip) and return the stack the model should see.
+
+    ``series`` (a SeriesInstanceUID or its short hash) picks a DICOM series; ``modality`` (CT, MR, CR ...)
+    sets what files without metadata (NIfTI, PNG) are taken to be. Slices are decoded on ``stack.load``.
+    """
+    source = str(path)
+    found = discover(Path(path))
+    kinds = [k for k in ("dicom", "nifti", "raster") if getattr(found, k)]
+    if not kinds:
+        if found.skipped:
+            raise NoImagesFoundError(f"no readable images ({len(found.skipped)} file(s) skipped)", source)
+        raise NoImagesFoundError("no files found", source)
+    stack = READERS.get(kinds[0])(found, source, series, modality, progress)
+    stack.keepalive = found.tempdir
+    if len(kinds) > 1:
+        stack.notes.append(f"read the {kinds[0]} files; ignored the {' and '.join(kinds[1:])} files")
+    if modality and kinds[0] == "dicom" and modality.upper() != stack.modality:
+        stack.notes.append(f"--modality {modality} ignored: the DICOM header says {stack.modality}")
+    return stack
+
+
+def _single(files: list, what: str, source: str):
+    if len(files) > 1:
+        raise UnsupportedInputError(f"{len(files)} {what} files found; give one file at a time", source)
+    return files[0]
+
+
+__all__ = ["READERS", "ImageStack", "SliceRef", "TableVOI", "WindowVOI", "open_input"]

@@ -1,0 +1,168 @@
+"""Preparation recipes: an ImageStack in, the exact RGB uint8 images the model sees out.
+
+A recipe maps an image family (ct, mr, radiograph, color) to a function ``(stack, indices) -> (k, H, W, 3)``.
+No resizing happens here (the model's processor resizes) and nothing is JPEG-encoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from medlens.io.types import ImageStack, SliceRef
+from medlens.prep.sampling import MEDGEMMA_MAX_SLICES, sample_indices
+from medlens.prep.windows import (
+    apply_voi,
+    ct_to_rgb,
+    gray_to_rgb,
+    minmax_to_uint8,
+    unit_to_uint8,
+)
+from medlens.registry import Registry
+
+FamilyFn = Callable[[ImageStack, list[int]], np.ndarray]
+
+#: DICOM modality -> image family; anything else grey is a 2-D picture ("radiograph")
+MODALITY_FAMILY = {"CT": "ct", "MR": "mr", "PT": "mr", "NM": "mr"}
+#: modalities MedGemma 1.5 was trained on as volumes
+TRAINED_VOLUME_MODALITIES = {"CT", "MR"}
+#: slices are decoded in chunks of this many when a whole volume must be streamed (MR min-max)
+STREAM_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named, versioned way of turning a study into model images."""
+
+    name: str
+    description: str
+    families: Mapping[str, FamilyFn]
+    max_slices: int = MEDGEMMA_MAX_SLICES
+    min_volume_slices: int = 5
+
+
+@dataclass
+class Prepared:
+    """The images in prompt order, where each came from, and what the user should know."""
+
+    recipe: str
+    modality: str
+    family: str
+    images: list[np.ndarray]
+    slices: list[SliceRef]
+    source: str
+    series_uid: str | None
+    n_source_slices: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def is_volume(self) -> bool:
+        return len(self.images) > 1 and self.family in ("ct", "mr")
+
+    def manifest(self, files: list[str]) -> dict[str, Any]:
+        """The ``manifest.json`` of ``medlens prepare`` (image files given in prompt order)."""
+        return {
+            "recipe": self.recipe,
+            "modality": self.modality,
+            "family": self.family,
+            "series_uid": self.series_uid,
+            "n_source_slices": self.n_source_slices,
+            "images": [
+                {"file": f, "source": s.file, "sop_instance_uid": s.sop_instance_uid, "frame": s.frame, "z": s.z}
+                for f, s in zip(files, self.slices, strict=True)
+            ],
+            "warnings": self.warnings,
+        }
+
+
+RECIPES: Registry[Recipe] = Registry("recipe")
+
+
+def family_of(stack: ImageStack) -> str:
+    if stack.is_color:
+        return "color"
+    return MODALITY_FAMILY.get(stack.modality.upper(), "radiograph")
+
+
+def prepare(stack: ImageStack, recipe: str = "medgemma-1.5") -> Prepared:
+    """Apply ``recipe`` to ``stack``: sample slices, decode only those, map intensities to RGB uint8."""
+    spec = RECIPES.get(recipe)
+    family = family_of(stack)
+    indices = sample_indices(len(stack), spec.max_slices) if family in ("ct", "mr") else list(range(len(stack)))
+    if family not in ("ct", "mr") and len(indices) > spec.max_slices:
+        indices = sample_indices(len(stack), spec.max_slices)
+    rgb = spec.families[family](stack, indices)
+    warnings = list(stack.notes)
+    if len(indices) < len(stack):
+        warnings.append(f"{len(stack)} slices: {len(indices)} sampled equidistantly (first and last included)")
+    if family in ("ct", "mr") and len(stack) > 1:
+        if stack.modality.upper() not in TRAINED_VOLUME_MODALITIES:
+            warnings.append(f"MedGemma 1.5 was not trained on {stack.modality} volumes; min-max scaling used")
+        if len(stack) < spec.min_volume_slices:
+            warnings.append(f"only {len(stack)} slices; MedGemma 1.5's volumes had at least {spec.min_volume_slices}")
+    return Prepared(
+        recipe=spec.name,
+        modality=stack.modality,
+        family=family,
+        images=[np.ascontiguousarray(img) for img in rgb],
+        slices=[stack.slices[i] for i in indices],
+        source=stack.source,
+        series_uid=stack.series_uid,
+        n_source_slices=len(stack),
+        warnings=warnings,
+    )
+
+
+def _ct(stack: ImageStack, indices: list[int]) -> np.ndarray:
+    return ct_to_rgb(stack.load(indices))
+
+
+def _volume_minmax(stack: ImageStack, indices: list[int]) -> np.ndarray:
+    """Min-max over the whole volume (all slices streamed), applied to the sampled slices; grey in R=G=B."""
+    wanted = set(indices)
+    low, high = np.inf, -np.inf
+    kept: dict[int, np.ndarray] = {}
+    for start in range(0, len(stack), STREAM_CHUNK):
+        chunk = list(range(start, min(start + STREAM_CHUNK, len(stack))))
+        values = stack.load(chunk)
+        low, high = min(low, float(values.min())), max(high, float(values.max()))
+        kept.update({i: values[j] for j, i in enumerate(chunk) if i in wanted})
+    volume = np.stack([kept[i] for i in indices])
+    gray = minmax_to_uint8(volume, low, high)
+    if stack.slices[indices[0]].invert:
+        gray = 255 - gray
+    return gray_to_rgb(gray)
+
+
+def _radiograph(stack: ImageStack, indices: list[int]) -> np.ndarray:
+    """Each image through its own VOI LUT or window when the file has one, else min-max; MONOCHROME1
+    inverted; grey replicated to RGB."""
+    values = stack.load(indices)
+    out = []
+    for img, ref in zip(values, (stack.slices[i] for i in indices), strict=True):
+        if ref.voi is not None:
+            gray = unit_to_uint8(apply_voi(img, ref.voi))
+        else:
+            gray = minmax_to_uint8(img, float(img.min()), float(img.max()))
+        out.append(255 - gray if ref.invert else gray)
+    return gray_to_rgb(np.stack(out))
+
+
+def _color(stack: ImageStack, indices: list[int]) -> np.ndarray:
+    return stack.load(indices)
+
+
+RECIPES.add(
+    "medgemma-1.5",
+    Recipe(
+        name="medgemma-1.5",
+        description=(
+            "MedGemma 1.5: CT as three HU windows in R/G/B (-1024..1024, -135..215, 0..80); MR per-volume "
+            "min-max; at most 85 equidistant slices; radiographs through their VOI LUT/window or min-max"
+        ),
+        families={"ct": _ct, "mr": _volume_minmax, "radiograph": _radiograph, "color": _color},
+    ),
+)

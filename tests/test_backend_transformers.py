@@ -1,0 +1,158 @@
+"""The transformers backend on the built-in ``test-tiny`` (real Gemma 3 architecture, random weights)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from medlens.backends import GenerationRequest, load_backend
+from medlens.backends.models import BUILTIN_MODELS, TEST_MODEL_WARNING
+from medlens.backends.transformers_backend import TransformersBackend, clean_completion
+from medlens.errors import BackendUnavailableError, ModelNotAvailableError
+
+
+@pytest.fixture(scope="session")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransformersBackend]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDLENS_CACHE", str(tmp_path_factory.mktemp("medlens-cache")))
+        loaded = load_backend("test-tiny")
+    assert isinstance(loaded, TransformersBackend)
+    yield loaded
+    loaded.close()
+
+
+def _image(height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _image_request(**options: object) -> GenerationRequest:
+    content = [
+        {"type": "text", "text": "Look at these slices."},
+        {"type": "image", "image": _image(200, 300, 1)},
+        {"type": "text", "text": "SLICE 1"},
+        {"type": "image", "image": _image(64, 64, 2)},
+        {"type": "text", "text": "SLICE 2"},
+        {"type": "image", "image": _image(64, 64, 3)},
+        {"type": "text", "text": "SLICE 3"},
+        {"type": "text", "text": 'Is there "pleural effusion"? Final Answer: yes or no'},
+    ]
+    return GenerationRequest(messages=[{"role": "user", "content": content}], **options)  # type: ignore[arg-type]
+
+
+def test_builtin_registry_is_light() -> None:
+    code = (
+        "import sys, medlens.backends.models, medlens.backends.transformers_backend; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert BUILTIN_MODELS.get("test-tiny").is_test_model
+    assert "random weights" in TEST_MODEL_WARNING
+
+
+def test_tiny_builds_deterministically(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from medlens.backends.tiny import ensure_tiny_model
+
+    first, second = ensure_tiny_model(tmp_path / "a"), ensure_tiny_model(tmp_path / "b")
+    assert first != second and first.name == "test-tiny-v1"
+    weights_a, weights_b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(bool((weights_a[k] == weights_b[k]).all()) for k in weights_a)
+    for name in ("tokenizer.json", "config.json", "chat_template.jinja", "processor_config.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    assert ensure_tiny_model(tmp_path / "a") == first  # reused, not rebuilt
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_backend_defaults(backend: TransformersBackend) -> None:
+    assert backend.engine == "transformers"
+    assert backend.is_test_model and backend.default_max_new_tokens == 16
+    assert backend.device == "cpu" and str(backend.dtype) == "torch.float32"
+
+
+def test_chat_template_renders_gemma_turns(backend: TransformersBackend) -> None:
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": _image(8, 8, 0)}, {"type": "text", "text": "Hi"}],
+        },
+    ]
+    text = backend.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == ("<bos><start_of_turn>user\nBe brief.\n\n<start_of_image>Hi<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_generate_with_images(backend: TransformersBackend) -> None:
+    request = _image_request()
+    inputs = backend.prepare(request.messages)
+    ids = inputs["input_ids"][0].tolist()
+    config = backend.model.config
+    assert ids.count(config.image_token_id) == 3 * config.mm_tokens_per_image
+    assert ids.count(config.boi_token_id) == 3 and ids.count(config.eoi_token_id) == 3
+    assert ids.count(backend.processor.tokenizer.bos_token_id) == 1
+    assert tuple(inputs["pixel_values"].shape) == (3, 3, 112, 112)
+
+    calls: list[int] = []
+    first, second = backend.generate([request, _image_request()], progress=calls.append)
+    assert calls == [1, 1]
+    assert isinstance(first.text, str)
+    assert first.prompt_tokens == len(ids)
+    assert 1 <= first.completion_tokens <= 16
+    assert first.finish_reason in ("stop", "length")
+    assert set(first.timings) == {"preprocess", "generate"}
+    assert (first.text, first.completion_tokens) == (second.text, second.completion_tokens)  # greedy
+
+
+def test_text_only_and_max_new_tokens(backend: TransformersBackend) -> None:
+    request = GenerationRequest(messages=[{"role": "user", "content": "What is a pleural effusion?"}])
+    (out,) = backend.generate([GenerationRequest(messages=request.messages, max_new_tokens=3)])
+    assert out.completion_tokens <= 3 and out.prompt_tokens > 5
+    if out.completion_tokens == 3:
+        assert out.finish_reason == "length"
+
+
+def test_sampling_is_seeded(backend: TransformersBackend) -> None:
+    a, b = backend.generate([_image_request(temperature=1.0, seed=7), _image_request(temperature=1.0, seed=7)])
+    assert a.text == b.text
+
+
+def test_thinking_markers_survive_decoding(backend: TransformersBackend) -> None:
+    tokenizer = backend.processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids(["<unused94>", "<unused95>", "<end_of_turn>", "<eos>"])
+    decoded = tokenizer.decode(ids, skip_special_tokens=False)
+    assert clean_completion(decoded) == "<unused94><unused95>"
+    assert clean_completion("<unused94>thought<unused95>Final Answer: yes<end_of_turn>\n<eos><pad>") == (
+        "<unused94>thought<unused95>Final Answer: yes"
+    )
+
+
+def test_load_from_directory(backend: TransformersBackend) -> None:
+    direct = TransformersBackend(backend.model_path)
+    assert direct.is_test_model  # the directory says what it holds
+    request = _image_request(max_new_tokens=4)
+    assert direct.generate([request])[0].text == backend.generate([request])[0].text
+
+
+def test_unknown_model(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotAvailableError, match="test-tny") as info:
+        load_backend("test-tny")
+    assert "did you mean 'test-tiny'" in str(info.value) and "hf download" in str(info.value)
+    with pytest.raises(ModelNotAvailableError, match="medlens-nonexistent/model"):
+        load_backend("medlens-nonexistent/model")
+    with pytest.raises(ModelNotAvailableError, match=r"no config\.json"):
+        load_backend(str(tmp_path))
+
+
+def test_missing_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(BackendUnavailableError, match=r"medlens\[models\]"):
+        TransformersBackend("test-tiny")

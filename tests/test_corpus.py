@@ -1,0 +1,116 @@
+"""Every file of pydicom's test data and of the pydicom-data package either prepares or fails with a typed
+medlens error (never a crash), in bounded time; lossless encodings decode to the same images."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from conftest import pydicom_data_dir, pydicom_test_dir
+
+from medlens.api import prepare_study
+from medlens.errors import InputError
+
+
+def _corpus() -> list:
+    roots = [pydicom_test_dir(), pydicom_data_dir()]
+    files = [p for root in roots if root is not None for p in sorted(root.rglob("*")) if p.is_file()]
+    return [pytest.param(p, id=f"{p.parent.name}/{p.name}") for p in files if p.suffix != ".pyc"]
+
+
+CORPUS = _corpus()
+
+#: files that hold ordinary images and must prepare (guards against a reader that rejects everything)
+MUST_PREPARE = {
+    "CT_small.dcm": ("ct", 1),
+    "MR_small.dcm": ("mr", 1),
+    "MR_small_RLE.dcm": ("mr", 1),
+    "MR_small_bigendian.dcm": ("mr", 1),
+    "MR_small_implicit.dcm": ("mr", 1),
+    "MR_small_jp2klossless.dcm": ("mr", 1),
+    "MR_small_jpeg_ls_lossless.dcm": ("mr", 1),
+    "JPEG2000.dcm": ("mr", 1),
+    "JPGExtended.dcm": ("mr", 1),
+    "emri_small.dcm": ("mr", 10),
+    "SC_rgb_rle.dcm": ("color", 1),
+    "SC_rgb_jpeg_gdcm.dcm": ("color", 1),
+    "RG1_UNCR.dcm": ("radiograph", 1),
+    "RG1_J2KR.dcm": ("radiograph", 1),
+    "RG3_J2KI.dcm": ("radiograph", 1),
+    "MR2_J2KR.dcm": ("mr", 1),
+    "US1_J2KR.dcm": ("color", 1),
+    "eCT_Supplemental.dcm": ("ct", 2),
+    "examples_palette.dcm": ("color", 1),
+    "OBXXXX1A_rle_2frame.dcm": ("color", 2),
+}
+
+
+@pytest.mark.parametrize("path", CORPUS)
+def test_file_prepares_or_fails_typed(path):
+    start = time.perf_counter()
+    try:
+        prepared = prepare_study(path)
+    except InputError as exc:
+        assert exc.path and str(path.name) in exc.path, "the error names the file"
+        assert path.name not in MUST_PREPARE, f"{path.name} should prepare: {exc}"
+        return
+    finally:
+        assert time.perf_counter() - start < 60
+    assert prepared.images, "at least one image"
+    for img in prepared.images:
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+    if path.name in MUST_PREPARE:
+        family, n = MUST_PREPARE[path.name]
+        assert (prepared.family, len(prepared.images)) == (family, n)
+
+
+def test_must_prepare_files_are_present():
+    names = {p.values[0].name for p in CORPUS}
+    assert {"CT_small.dcm", "MR_small.dcm"} <= names
+    if pydicom_data_dir() is not None:
+        assert set(MUST_PREPARE) <= names
+
+
+@pytest.mark.parametrize(
+    ("reference", "variants"),
+    [
+        (
+            "MR_small.dcm",
+            [
+                "MR_small_RLE.dcm",
+                "MR_small_jp2klossless.dcm",
+                "MR_small_jpeg_ls_lossless.dcm",
+                "MR_small_bigendian.dcm",
+                "MR_small_implicit.dcm",
+            ],
+        ),
+        ("RG1_UNCR.dcm", ["RG1_J2KR.dcm"]),
+        ("MR2_UNCR.dcm", ["MR2_J2KR.dcm"]),
+        ("US1_UNCR.dcm", ["US1_J2KR.dcm"]),
+        ("emri_small.dcm", ["emri_small_RLE.dcm", "emri_small_jpeg_ls_lossless.dcm", "emri_small_big_endian.dcm"]),
+    ],
+)
+def test_lossless_encodings_prepare_identically(pydicom_file, reference, variants):
+    expected = prepare_study(pydicom_file(reference)).images
+    for name in variants:
+        got = prepare_study(pydicom_file(name)).images
+        assert len(got) == len(expected)
+        assert all(np.array_equal(a, b) for a, b in zip(got, expected, strict=True)), name
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        ("MR_truncated.dcm", "CorruptFileError"),
+        ("rtdose.dcm", "NoImageDataError"),
+        ("test-SR.dcm", "NoImageDataError"),
+        ("liver.dcm", "NoImageDataError"),  # a SEG object
+        ("SC_rgb_small_odd.dcm", "ImageTooSmallError"),
+        ("README.txt", "UnsupportedInputError"),
+    ],
+)
+def test_known_bad_files_get_the_right_error(pydicom_file, name, error):
+    with pytest.raises(InputError) as info:
+        prepare_study(pydicom_file(name))
+    assert type(info.value).__name__ == error
