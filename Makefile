@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/medlens demo --out demo-output
 
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider
 
 lint: install
 	$(BIN)/ruff check src tests bench

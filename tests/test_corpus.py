@@ -114,3 +114,29 @@ def test_known_bad_files_get_the_right_error(pydicom_file, name, error):
     with pytest.raises(InputError) as info:
         prepare_study(pydicom_file(name))
     assert type(info.value).__name__ == error
+
+
+def test_native_fast_path_reads_what_pydicom_reads():
+    """The direct read of uncompressed single frames equals pydicom's pixel_array on every corpus file."""
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    from medlens.io.dicom_header import read_instance
+    from medlens.io.dicom_pixels import read_native_frame
+
+    checked = 0
+    for param in CORPUS:
+        path = param.values[0]
+        try:
+            inst = read_instance(path, str(path))
+        except InputError:
+            continue
+        fast = read_native_frame(inst)
+        if fast is None:
+            continue
+        full = pydicom.dcmread(path, force=True)
+        full.file_meta.TransferSyntaxUID = inst.dataset.file_meta.TransferSyntaxUID
+        reference = pixel_array(full)
+        assert np.array_equal(fast, reference) and fast.dtype == reference.dtype, path.name
+        checked += 1
+    assert checked >= 5

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from medlens import DISCLAIMER, __version__
 from medlens.backends import Backend, GenerationRequest, load_backend
@@ -35,13 +38,19 @@ def prepare_study(
 
 def write_prepared(prepared: Prepared, out_dir: str | Path) -> Path:
     """Write ``0001.png, 0002.png, ...`` (RGB, prompt order, before any resize) and ``manifest.json``."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from PIL import Image
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = [f"{i:04d}.png" for i in range(1, len(prepared.images) + 1)]
-    for name, image in zip(names, prepared.images, strict=True):
+
+    def save(name: str, image: np.ndarray) -> None:
         Image.fromarray(image, mode="RGB").save(out / name, compress_level=1)
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # zlib releases the GIL
+        list(pool.map(save, names, prepared.images))
     manifest = {**prepared.manifest(names), "medlens_version": __version__, "disclaimer": DISCLAIMER}
     path = out / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2) + "\n")

@@ -6,6 +6,7 @@ Every problem is raised as a typed error so callers can skip the file with its r
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from medlens.errors import CorruptFileError, NoImageDataError, UnsupportedInputError
+from medlens.errors import CorruptFileError, MedlensError, NoImageDataError, UnsupportedInputError
+from medlens.io.dicom_values import first, floats, integer, text
 from medlens.io.limits import check_decoded_size, check_image_size
 from medlens.io.types import VOI, TableVOI, WindowVOI
 
@@ -30,7 +32,17 @@ NON_IMAGE_MODALITIES = {
     "REG": "a registration",
     "ECG": "a waveform",
 }
-DEFER_BYTES = 16 * 1024
+#: explicit-VR value representations whose element header has a 4-byte length (PS3.5 7.1.2)
+_LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN")
+
+
+@dataclass(frozen=True)
+class PixelElement:
+    """Where the pixel data element lies in the file; ``length`` is None when undefined (encapsulated)."""
+
+    tag: int
+    offset: int | None  # file offset of the value (None for deflated files)
+    length: int | None
 
 
 @dataclass(frozen=True)
@@ -50,7 +62,8 @@ class DicomInstance:
 
     path: Path
     display: str
-    dataset: Any  # pydicom Dataset, pixel data deferred
+    dataset: Any  # pydicom Dataset of the header (everything before the pixel data)
+    pixels: PixelElement
     sop_instance_uid: str
     series_uid: str
     study_uid: str
@@ -62,12 +75,16 @@ class DicomInstance:
     photometric: str
     instance_number: int | None
     series_number: int | None
-    description: str
     pixel_spacing: tuple[float, float] | None
     acquisition: str
     frames: list[FrameGeometry] = field(default_factory=list)
     has_modality_lut: bool = False
     invert: bool = False
+
+    @property
+    def description(self) -> str:
+        """SeriesDescription (converted by pydicom: it may use a non-ASCII character set)."""
+        return str(self.dataset.get("SeriesDescription", "") or "")
 
     @property
     def is_color(self) -> bool:
@@ -76,78 +93,125 @@ class DicomInstance:
 
 def read_instance(path: Path, display: str) -> DicomInstance:
     """Parse ``path``'s header; raise a typed error if it is not a usable DICOM image."""
-    ds = _read_dataset(path, display)
-    sop_class = getattr(ds.get("SOPClassUID"), "name", None) or str(ds.get("SOPClassUID", "unknown SOP class"))
-    modality = str(ds.get("Modality", "") or "OT").upper()
-    if not any(tag in ds for tag in PIXEL_TAGS):
-        if "Rows" in ds and "SOPClassUID" in ds and modality not in NON_IMAGE_MODALITIES and "Columns" in ds:
-            raise CorruptFileError(f"{sop_class} header but no pixel data (truncated or stripped)", display)
-        raise NoImageDataError(f"{sop_class} has no pixel data (not an image)", display)
+    ds, pixels = _read_header(path, display)
+    modality = text(ds, "Modality").upper() or "OT"
+    if pixels is None:
+        if "Rows" in ds and "Columns" in ds and "SOPClassUID" in ds and modality not in NON_IMAGE_MODALITIES:
+            raise CorruptFileError(f"{_sop_class(ds)} header but no pixel data (truncated or stripped)", display)
+        raise NoImageDataError(f"{_sop_class(ds)} has no pixel data (not an image)", display)
     if modality in NON_IMAGE_MODALITIES:
-        raise NoImageDataError(f"{sop_class} holds {NON_IMAGE_MODALITIES[modality]}, not an image", display)
-    try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-        spp = int(ds.get("SamplesPerPixel", 1) or 1)
-        bits = int(ds.get("BitsAllocated", 16) or 16)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise CorruptFileError(f"image header incomplete ({exc})", display) from None
+        raise NoImageDataError(f"{_sop_class(ds)} holds {NON_IMAGE_MODALITIES[modality]}, not an image", display)
+    rows, columns = integer(ds, "Rows"), integer(ds, "Columns")
+    if rows is None or columns is None:
+        raise CorruptFileError("image header incomplete (no Rows/Columns)", display)
+    n_frames = integer(ds, "NumberOfFrames") or 1
+    spp = integer(ds, "SamplesPerPixel") or 1
+    bits = integer(ds, "BitsAllocated") or 16
+    photometric = text(ds, "PhotometricInterpretation", "MONOCHROME2").upper()
     check_image_size(rows, columns, display)
     check_decoded_size(rows * columns * n_frames * spp * max(bits, 8) // 8, display)
-    _check_not_truncated(ds, path, display)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    _check_not_truncated(ds, pixels, path, display, _stored_bytes(rows * columns * n_frames, spp, bits, photometric))
     return DicomInstance(
         path=path,
         display=display,
         dataset=ds,
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")) or display,
-        series_uid=str(ds.get("SeriesInstanceUID", "")) or f"no-series:{display}",
-        study_uid=str(ds.get("StudyInstanceUID", "")) or "no-study",
+        pixels=pixels,
+        sop_instance_uid=text(ds, "SOPInstanceUID") or display,
+        series_uid=text(ds, "SeriesInstanceUID") or f"no-series:{display}",
+        study_uid=text(ds, "StudyInstanceUID") or "no-study",
         modality=modality,
         rows=rows,
         columns=columns,
         n_frames=n_frames,
         samples_per_pixel=spp,
         photometric=photometric,
-        instance_number=_int(ds.get("InstanceNumber")),
-        series_number=_int(ds.get("SeriesNumber")),
-        description=str(ds.get("SeriesDescription", "") or ""),
-        pixel_spacing=_pair(_first_present(ds, "PixelSpacing", "ImagerPixelSpacing")),
-        acquisition=str(ds.get("AcquisitionDateTime", "") or ds.get("AcquisitionDate", "") or ""),
+        instance_number=integer(ds, "InstanceNumber"),
+        series_number=integer(ds, "SeriesNumber"),
+        pixel_spacing=_pair(floats(ds, "PixelSpacing", 2) or floats(ds, "ImagerPixelSpacing", 2)),
+        acquisition=text(ds, "AcquisitionDateTime") or text(ds, "AcquisitionDate"),
         frames=_frames(ds, n_frames),
         has_modality_lut="ModalityLUTSequence" in ds,
-        invert=photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE",
+        invert=photometric == "MONOCHROME1" or text(ds, "PresentationLUTShape").upper() == "INVERSE",
     )
 
 
-def _read_dataset(path: Path, display: str) -> Any:
+def _sop_class(ds: Any) -> str:
+    uid = ds.get("SOPClassUID")
+    return getattr(uid, "name", None) or str(uid or "unknown SOP class")
+
+
+def _stored_bytes(pixels: int, spp: int, bits: int, photometric: str) -> int:
+    """Bytes of native pixel data the header promises (PS3.5 8.1.1; YBR_FULL_422 stores 2 samples/pixel)."""
+    if bits == 1:
+        return -(-pixels * spp // 8)
+    samples = 2 if photometric == "YBR_FULL_422" else spp
+    return pixels * samples * (bits // 8)
+
+
+def _read_header(path: Path, display: str) -> tuple[Any, PixelElement | None]:
+    """The header (pydicom stops before the pixel data) and where the pixel data element is."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
-    except OSError as exc:
-        raise CorruptFileError(f"cannot read file ({exc.strerror})", display) from None
-    has_marker = len(head) == 132 and head[128:132] == b"DICM"
-    # Files without the preamble (old ACR-NEMA style) start directly with a group 0002 or 0008 tag.
-    if not has_marker and (len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00", b"\x00\x08")):
-        raise UnsupportedInputError("not a DICOM file (no DICM marker and no DICOM tags at the start)", display)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES, force=not has_marker)
+            has_marker = len(head) == 132 and head[128:132] == b"DICM"
+            # Files without the preamble (old ACR-NEMA style) start directly with a group 0002 or 0008 tag.
+            if not has_marker and (len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00", b"\x00\x08")):
+                raise UnsupportedInputError("not a DICOM file (no DICM marker and no DICOM tags at the start)", display)
+            fh.seek(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, force=not has_marker)
+            pixels = _pixel_element(fh, ds)
     except InvalidDicomError:
         raise UnsupportedInputError("not a DICOM file", display) from None
+    except OSError as exc:
+        raise CorruptFileError(f"cannot read file ({exc.strerror or exc})", display) from None
+    except MedlensError:
+        raise
     except Exception as exc:  # pydicom raises many kinds on damaged headers
-        raise CorruptFileError(f"damaged DICOM header ({type(exc).__name__}: {exc})", display) from None
+        detail = " ".join(str(exc).split())
+        raise CorruptFileError(f"damaged DICOM header ({type(exc).__name__}: {detail})", display) from None
     if len(ds) == 0:
         raise CorruptFileError("DICOM header could not be read (file truncated or damaged)", display)
-    if not has_marker and "SOPClassUID" not in ds and not any(tag in ds for tag in PIXEL_TAGS):
+    if not has_marker and "SOPClassUID" not in ds and pixels is None:
         raise UnsupportedInputError("not a DICOM file", display)
     if "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta.TransferSyntaxUID = _guess_transfer_syntax(ds)
-    return ds
+    if ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99":  # deflated: positions are in the inflated stream
+        pixels = _deflated_pixel_element(path)
+    return ds, pixels
+
+
+def _pixel_element(fh: Any, ds: Any) -> PixelElement | None:
+    """Parse the element header at the file position where pydicom stopped (the pixel data, if any)."""
+    start = fh.tell()
+    raw = fh.read(12)
+    if len(raw) < 8:
+        return None
+    implicit, little = ds.original_encoding
+    order = "<" if little is not False else ">"
+    group, element = struct.unpack(f"{order}HH", raw[:4])
+    tag = group << 16 | element
+    if tag not in PIXEL_TAGS:
+        return None
+    if implicit or raw[4:6] not in _LONG_VRS:
+        length, offset = struct.unpack(f"{order}{'I' if implicit else 'xxH'}", raw[4:8])[0], start + 8
+    else:
+        length, offset = struct.unpack(f"{order}I", raw[8:12])[0], start + 12
+    return PixelElement(tag, offset, None if length == 0xFFFFFFFF else length)
+
+
+def _deflated_pixel_element(path: Path) -> PixelElement | None:
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = pydicom.dcmread(path)
+    tag = next((t for t in PIXEL_TAGS if t in full), None)
+    return PixelElement(tag, None, len(full[tag].value or b"")) if tag is not None else None
 
 
 def _guess_transfer_syntax(ds: Any) -> str:
@@ -158,23 +222,13 @@ def _guess_transfer_syntax(ds: Any) -> str:
     return ExplicitVRLittleEndian if ds.original_encoding[1] else ExplicitVRBigEndian
 
 
-def _check_not_truncated(ds: Any, path: Path, display: str) -> None:
+def _check_not_truncated(ds: Any, pixels: PixelElement, path: Path, display: str, needed: int) -> None:
     """Native (uncompressed) pixel data must be as long as the header says; checked without reading it."""
-    from pydicom.pixels.utils import get_expected_length
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
-    tsyntax = ds.file_meta.TransferSyntaxUID
-    if tsyntax.is_encapsulated or tsyntax == DeflatedExplicitVRLittleEndian or 0x7FE00010 not in ds:
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated or pixels.length is None or pixels.tag != PIXEL_TAGS[0]:
         return
-    elem = ds.get_item(0x7FE00010, keep_deferred=True)
-    if getattr(elem, "is_undefined_length", False):
-        return
-    deferred = getattr(elem, "value", None) is None and getattr(elem, "value_tell", None) is not None
-    available = os.path.getsize(path) - elem.value_tell if deferred else len(elem.value or b"")
-    try:
-        needed = get_expected_length(ds, unit="bytes")
-    except Exception:  # incomplete pixel module: decoding will report it
-        return
+    available = pixels.length
+    if pixels.offset is not None:
+        available = min(available, os.path.getsize(path) - pixels.offset)
     if available < needed:
         raise CorruptFileError(
             f"truncated file: pixel data needs {needed:,} bytes, only {max(available, 0):,} present", display
@@ -184,10 +238,10 @@ def _check_not_truncated(ds: Any, path: Path, display: str) -> None:
 def _frames(ds: Any, n_frames: int) -> list[FrameGeometry]:
     """Per-frame geometry from functional groups (enhanced objects) or the top-level header."""
     top = FrameGeometry(
-        position=_floats(ds.get("ImagePositionPatient"), 3),
-        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-        slope=_float(ds.get("RescaleSlope"), 1.0),
-        intercept=_float(ds.get("RescaleIntercept"), 0.0),
+        position=floats(ds, "ImagePositionPatient", 3),
+        orientation=floats(ds, "ImageOrientationPatient", 6),
+        slope=_number(ds, "RescaleSlope", 1.0),
+        intercept=_number(ds, "RescaleIntercept", 0.0),
         voi=_voi(ds),
     )
     shared = _item(ds, "SharedFunctionalGroupsSequence")
@@ -204,21 +258,16 @@ def _frames(ds: Any, n_frames: int) -> list[FrameGeometry]:
 def _enhanced_geometry(own: Any, shared: Any, top: FrameGeometry) -> FrameGeometry:
     """One frame of an enhanced object: its own functional groups first, then the shared ones."""
 
-    def find(sequence: str, attr: str) -> Any:
-        for groups in (own, shared):
-            item = _item(groups, sequence)
-            if item is not None and attr in item:
-                return item.get(attr)
-        return None
+    def find(sequence: str) -> Any:
+        return next((i for g in (own, shared) if (i := _item(g, sequence)) is not None), None)
 
-    voi_item = next((i for g in (own, shared) if (i := _item(g, "FrameVOILUTSequence")) is not None), None)
-    slope = find("PixelValueTransformationSequence", "RescaleSlope")
-    intercept = find("PixelValueTransformationSequence", "RescaleIntercept")
+    transform = find("PixelValueTransformationSequence")
+    voi_item = find("FrameVOILUTSequence")
     return FrameGeometry(
-        position=_floats(find("PlanePositionSequence", "ImagePositionPatient"), 3),
-        orientation=_floats(find("PlaneOrientationSequence", "ImageOrientationPatient"), 6) or top.orientation,
-        slope=_float(slope, top.slope),
-        intercept=_float(intercept, top.intercept),
+        position=floats(find("PlanePositionSequence"), "ImagePositionPatient", 3),
+        orientation=floats(find("PlaneOrientationSequence"), "ImageOrientationPatient", 6) or top.orientation,
+        slope=_number(transform, "RescaleSlope", top.slope),
+        intercept=_number(transform, "RescaleIntercept", top.intercept),
         voi=_voi(voi_item) if voi_item is not None else top.voi,
     )
 
@@ -231,14 +280,13 @@ def _voi(ds: Any) -> VOI | None:
     if lut_item is not None and "LUTDescriptor" in lut_item and "LUTData" in lut_item:
         table = _lut_table(lut_item, little_endian=ds.original_encoding[1] is not False)
         if table is not None:
-            first = int(lut_item.LUTDescriptor[1])
-            if first >= 32768 and ds.get("PixelRepresentation", 0) == 1:
-                first -= 65536  # descriptor value is the two's complement of a signed first input
-            return TableVOI(first_mapped=first, table=table)
-    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
-    if center is not None and width is not None and float(width) > 0:
-        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-        return WindowVOI(float(center), float(width), function)
+            first_mapped = int(lut_item.LUTDescriptor[1])
+            if first_mapped >= 32768 and integer(ds, "PixelRepresentation") == 1:
+                first_mapped -= 65536  # the descriptor holds the two's complement of a signed first input
+            return TableVOI(first_mapped=first_mapped, table=table)
+    center, width = _number(ds, "WindowCenter", None), _number(ds, "WindowWidth", None)
+    if center is not None and width is not None and width > 0:
+        return WindowVOI(center, width, text(ds, "VOILUTFunction", "LINEAR").upper() or "LINEAR")
     return None
 
 
@@ -258,42 +306,13 @@ def _item(ds: Any, keyword: str) -> Any:
     return seq[0] if seq else None
 
 
-def _first(value: Any) -> Any:
-    if value is None or value == "":
-        return None
+def _pair(value: tuple[float, ...] | None) -> tuple[float, float] | None:
+    return (value[0], value[1]) if value and value[0] > 0 and value[1] > 0 else None
+
+
+def _number(ds: Any, keyword: str, default: float | None) -> Any:
     try:
-        return value[0] if not isinstance(value, str | bytes) and len(value) else value
-    except TypeError:
-        return value
-
-
-def _first_present(ds: Any, *keywords: str) -> Any:
-    return next((ds.get(k) for k in keywords if ds.get(k) not in (None, "")), None)
-
-
-def _floats(value: Any, n: int) -> tuple[float, ...] | None:
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return out if len(out) == n and all(np.isfinite(out)) else None
-
-
-def _pair(value: Any) -> tuple[float, float] | None:
-    out = _floats(value, 2)
-    return (out[0], out[1]) if out and out[0] > 0 and out[1] > 0 else None
-
-
-def _float(value: Any, default: float) -> float:
-    try:
-        out = float(_first(value))
+        value = float(first(ds, keyword))
     except (TypeError, ValueError):
         return default
-    return out if np.isfinite(out) else default
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(_first(value))
-    except (TypeError, ValueError):
-        return None
+    return value if np.isfinite(value) else default

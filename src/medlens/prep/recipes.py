@@ -29,8 +29,8 @@ FamilyFn = Callable[[ImageStack, list[int]], np.ndarray]
 MODALITY_FAMILY = {"CT": "ct", "MR": "mr", "PT": "mr", "NM": "mr"}
 #: modalities MedGemma 1.5 was trained on as volumes
 TRAINED_VOLUME_MODALITIES = {"CT", "MR"}
-#: slices are decoded in chunks of this many when a whole volume must be streamed (MR min-max)
-STREAM_CHUNK = 32
+#: slices are decoded this many at a time, so decoded float32 copies of a whole volume never exist
+DECODE_CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,12 @@ def prepare(stack: ImageStack, recipe: str = "medgemma-1.5") -> Prepared:
 
 
 def _ct(stack: ImageStack, indices: list[int]) -> np.ndarray:
-    return ct_to_rgb(stack.load(indices))
+    """HU windows, decoded and windowed a few slices at a time straight into the output."""
+    out = np.empty((len(indices), stack.rows, stack.columns, 3), np.uint8)
+    for start in range(0, len(indices), DECODE_CHUNK):
+        chunk = indices[start : start + DECODE_CHUNK]
+        ct_to_rgb(stack.load(chunk), out=out[start : start + len(chunk)])
+    return out
 
 
 def _volume_minmax(stack: ImageStack, indices: list[int]) -> np.ndarray:
@@ -125,8 +130,8 @@ def _volume_minmax(stack: ImageStack, indices: list[int]) -> np.ndarray:
     wanted = set(indices)
     low, high = np.inf, -np.inf
     kept: dict[int, np.ndarray] = {}
-    for start in range(0, len(stack), STREAM_CHUNK):
-        chunk = list(range(start, min(start + STREAM_CHUNK, len(stack))))
+    for start in range(0, len(stack), DECODE_CHUNK):
+        chunk = list(range(start, min(start + DECODE_CHUNK, len(stack))))
         values = stack.load(chunk)
         low, high = min(low, float(values.min())), max(high, float(values.max()))
         kept.update({i: values[j] for j, i in enumerate(chunk) if i in wanted})

@@ -21,11 +21,29 @@ def window_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.rint(out, out=out).astype(np.uint8)
 
 
-def ct_to_rgb(hu: np.ndarray, windows: Sequence[tuple[float, float]] = MEDGEMMA_CT_WINDOWS) -> np.ndarray:
-    """(..., H, W) Hounsfield units -> (..., H, W, 3) uint8, one window per channel."""
-    out = np.empty((*hu.shape, len(windows)), np.uint8)
-    for channel, (low, high) in enumerate(windows):
-        out[..., channel] = window_to_uint8(hu, low, high)
+def ct_to_rgb(
+    hu: np.ndarray, windows: Sequence[tuple[float, float]] = MEDGEMMA_CT_WINDOWS, out: np.ndarray | None = None
+) -> np.ndarray:
+    """(..., H, W) Hounsfield units -> (..., H, W, 3) uint8, one window per channel.
+
+    Works slice by slice in one float32 scratch buffer (same arithmetic as :func:`window_to_uint8`), so a
+    whole volume costs no temporaries of its own size; ``out`` may be given to fill an existing array.
+    """
+    if out is None:
+        out = np.empty((*hu.shape, len(windows)), np.uint8)
+    if out.shape != (*hu.shape, len(windows)) or not out.flags.c_contiguous:
+        raise ValueError("out must be a C-contiguous uint8 array of shape hu.shape + (channels,)")
+    height, width = hu.shape[-2:]
+    planes, targets = hu.reshape(-1, height, width), out.reshape(-1, height, width, len(windows))
+    scratch = np.empty((height, width), np.float32)
+    for plane, target in zip(planes, targets, strict=True):
+        for channel, (low, high) in enumerate(windows):
+            np.clip(plane, low, high, out=scratch, casting="unsafe")
+            scratch -= np.float32(low)
+            scratch /= np.float32(high - low)
+            scratch *= np.float32(255.0)
+            np.rint(scratch, out=scratch)
+            target[..., channel] = scratch  # whole numbers in 0..255: the cast is exact
     return out
 
 
