@@ -361,3 +361,13 @@ def test_zip_input(tmp_path):
     (archive.parent / "bad.zip").write_bytes(b"PK\x03\x04 broken")
     with pytest.raises(errors.CorruptFileError, match="zip"):
         open_input(archive.parent / "bad.zip")
+
+
+def test_folder_of_broken_dicom_beside_an_image_reads_the_image(tmp_path):
+    from PIL import Image
+
+    write_not_dicom(tmp_path / "a.dcm")
+    Image.fromarray(np.full((20, 20), 9, np.uint8)).save(tmp_path / "b.png")
+    stack = open_input(tmp_path)
+    assert stack.modality == "OT" and len(stack) == 1
+    assert any("ignored the dicom files" in n for n in stack.notes)

@@ -11,9 +11,9 @@ from pathlib import Path
 from medlens.errors import NoImagesFoundError, UnsupportedInputError
 from medlens.io.discover import Found, discover
 from medlens.io.types import ImageStack, SliceRef, TableVOI, WindowVOI
+from medlens.progress import Update as Progress
 from medlens.registry import Registry
 
-Progress = Callable[[int, int], None]
 Reader = Callable[[Found, str, str | None, str | None, Progress | None], ImageStack]
 
 READERS: Registry[Reader] = Registry("reader")
@@ -58,11 +58,18 @@ def open_input(
         if found.skipped:
             raise NoImagesFoundError(f"no readable images ({len(found.skipped)} file(s) skipped)", source)
         raise NoImagesFoundError("no files found", source)
-    stack = READERS.get(kinds[0])(found, source, series, modality, progress)
+    for i, kind in enumerate(kinds):
+        try:
+            stack = READERS.get(kind)(found, source, series, modality, progress)
+            break
+        except NoImagesFoundError:
+            if i == len(kinds) - 1:
+                raise
     stack.keepalive = found.tempdir
-    if len(kinds) > 1:
-        stack.notes.append(f"read the {kinds[0]} files; ignored the {' and '.join(kinds[1:])} files")
-    if modality and kinds[0] == "dicom" and modality.upper() != stack.modality:
+    others = [k for k in kinds if k != kind]
+    if others:
+        stack.notes.append(f"read the {kind} files; ignored the {' and '.join(others)} files")
+    if modality and kind == "dicom" and modality.upper() != stack.modality:
         stack.notes.append(f"--modality {modality} ignored: the DICOM header says {stack.modality}")
     return stack
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Callable
 
 from medlens.errors import InputError, NoImagesFoundError
 from medlens.io.dicom_header import DicomInstance, read_instance
 from medlens.io.dicom_series import SeriesCandidate, build_series, choose_series, to_stack
 from medlens.io.discover import FoundFile
 from medlens.io.types import ImageStack
-
-Progress = Callable[[int, int], None]
+from medlens.progress import Update as Progress
 
 
 def scan_dicom(
@@ -42,8 +40,8 @@ def read_dicom(
     """The chosen series of the DICOM files as an ImageStack."""
     instances = scan_dicom(files, skipped, progress)
     if not instances:
-        if len(files) == 1 and len(skipped) == 1:
-            raise skipped[0]
+        if len(files) == 1 and files[0].display == source:  # the input is this one file: its own error
+            raise skipped[-1]
         raise NoImagesFoundError(_nothing_usable(skipped), source)
     candidates = build_series(instances)
     chosen = choose_series(candidates, series, source)
