@@ -58,9 +58,11 @@ def test_ask_with_test_tiny_prints_one_json_object(ct_study, cli):
         assert key in result
     assert result["model"] == "test-tiny" and result["untrained_test_model"] is True
     assert any("untrained test model" in w for w in result["warnings"])
-    assert result["n_images"] == 85 and result["n_source_slices"] == 100
+    assert result["n_images"] == 85 and result["details"]["n_source_slices"] == 100
+    assert result["task"] == "qa" and result["payload"]["answer"] == result["answer"]
+    assert len(result["inputs"]) == 1 and len(result["inputs"][0]["sha256"]) == 64
     assert result["final_answer"] in (None, "yes", "no")
-    assert set(result["timings"]) >= {"read", "prepare", "load_model", "generate"}
+    assert set(result["timings"]) >= {"read_prepare", "load_model", "generate"}
     assert result["disclaimer"] == DISCLAIMER
     # 85 images x 4 image tokens of the tiny model are in the prompt
     assert result["prompt_tokens"] > 85 * 4

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medlens import DISCLAIMER, __version__
-from medlens.backends import Backend, GenerationRequest, load_backend
+from medlens.backends import Backend
 from medlens.io import open_input
 from medlens.prep import DEFAULT_RECIPE, RECIPES, Prepared, prepare
-from medlens.privacy import short_hash
 from medlens.progress import Reporter, Timer
-from medlens.prompts import auto_final_answer, messages_for, split_thinking
 
 
 def prepare_study(
@@ -58,61 +57,28 @@ def write_prepared(prepared: Prepared, out_dir: str | Path) -> Path:
 
 
 def ask(
-    path: str | Path,
-    question: str,
+    path: str | Path | Sequence[str | Path],
+    question: str | None,
     model: str | Backend = "test-tiny",
     *,
+    task: str = "qa",
     engine: str = "transformers",
-    recipe: str = DEFAULT_RECIPE,
-    series: str | None = None,
-    modality: str | None = None,
-    instruction: str | None = None,
-    thinking: bool = False,
-    max_new_tokens: int | None = None,
     reporter: Reporter | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Prepare ``path`` exactly as MedGemma 1.5 expects, ask ``question``, return the parsed result.
+    """Run ``task`` (default ``qa``: a question about one study) and return the result envelope as a dict.
 
-    ``model`` is a built-in name (``test-tiny``), a local directory, a cached Hugging Face id, or an
-    already loaded :class:`~medlens.backends.Backend` (reused across calls).
+    ``path`` is one input or a list (``compare`` takes prior and current). ``model`` is a built-in name
+    (``test-tiny``), a local directory, a cached Hugging Face id, or a loaded
+    :class:`~medlens.backends.Backend` (reused across calls). ``options`` are
+    :class:`~medlens.tasks.TaskOptions` fields: recipe, series, modality, instruction, thinking,
+    max_new_tokens, overlay, dpi, token_budget, reasoner.
     """
-    reporter = reporter or Reporter(False)
-    timer = Timer()
-    prepared = prepare_study(path, recipe, series, modality, reporter, timer)
-    messages = messages_for(prepared, question, instruction=instruction, thinking=thinking)
-    if isinstance(model, Backend):
-        backend = model
-    else:
-        with timer("load_model"), reporter.stage(f"Loading {model}"):
-            backend = load_backend(model, engine)
-    with timer("generate"), reporter.stage("Generating", total=1) as update:
-        request = GenerationRequest(messages, max_new_tokens=max_new_tokens)
-        output = backend.generate([request], progress=lambda n: update(n, 1))[0]
-    split = split_thinking(output.text)
-    warnings = list(prepared.warnings)
-    if backend.is_test_model:
-        from medlens.backends.models import TEST_MODEL_WARNING
+    from medlens.tasks import TaskOptions, get_task
+    from medlens.tasks.runner import run_task
 
-        warnings.insert(0, TEST_MODEL_WARNING)
-    if output.finish_reason == "length":
-        warnings.append("the answer was cut at max_new_tokens")
-    return {
-        "answer": split.answer,
-        "final_answer": auto_final_answer(split.answer, question),
-        "thinking": split.thinking,
-        "model": backend.model_name,
-        "engine": backend.engine,
-        "untrained_test_model": backend.is_test_model,
-        "recipe": prepared.recipe,
-        "modality": prepared.modality,
-        "series": short_hash(prepared.series_uid) if prepared.series_uid else None,
-        "n_images": len(prepared.images),
-        "n_source_slices": prepared.n_source_slices,
-        "prompt_tokens": output.prompt_tokens,
-        "completion_tokens": output.completion_tokens,
-        "finish_reason": output.finish_reason,
-        "timings": timer.seconds,
-        "warnings": warnings,
-        "medlens_version": __version__,
-        "disclaimer": DISCLAIMER,
-    }
+    inputs = [path] if isinstance(path, str | Path) else list(path)
+    envelope = run_task(
+        get_task(task), inputs, question, model, TaskOptions(**options), engine=engine, reporter=reporter
+    )
+    return envelope.model_dump(mode="json")

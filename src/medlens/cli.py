@@ -62,8 +62,22 @@ def prepare(
 
 @app.command()
 def ask(
-    input: InputArg,
-    question: Annotated[str, typer.Argument(help="The question; it goes after the images.")],
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            help="Input(s) then the question: INPUT [INPUT2] QUESTION. Tasks with a default prompt "
+            "(localize, lab-extract, report ...) need no question.",
+            metavar="INPUT... [QUESTION]",
+        ),
+    ],
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            "-t",
+            help="qa, localize, compare, lab-extract, ehr-qa, report, differential (see `medlens tasks`).",
+        ),
+    ] = "qa",
     model: Annotated[
         str, typer.Option("--model", "-m", help="test-tiny, a local model folder, or a cached HF id.")
     ] = "test-tiny",
@@ -74,25 +88,95 @@ def ask(
     instruction: Annotated[str | None, typer.Option(help="Replace the text placed before the slices.")] = None,
     think: Annotated[bool, typer.Option("--think", help="Switch on MedGemma's thinking mode.")] = False,
     max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Cap on generated tokens.")] = None,
+    overlay: Annotated[Path | None, typer.Option(help="localize: write the boxes drawn on the image (PNG).")] = None,
+    dpi: Annotated[int, typer.Option(min=50, max=600, help="lab-extract: PDF render resolution.")] = 150,
+    token_budget: Annotated[int, typer.Option(min=200, help="ehr-qa: token budget of the summary.")] = 6000,
+    reasoner: Annotated[str | None, typer.Option(help="differential: text model of stage 2.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="json, or a task's own format (csv for lab-extract).")] = "json",
     quiet: QuietOpt = False,
 ) -> None:
-    """Ask MedGemma a question about a study; prints one JSON object."""
+    """Run a task on your files with MedGemma; prints the result envelope as JSON (or --format)."""
     from medlens.api import ask as ask_api
+    from medlens.tasks import get_task
 
+    chosen = get_task(task)
+    inputs, question = split_inputs(args)
     result = ask_api(
-        input,
+        inputs,
         question,
         model,
+        task=task,
         engine=engine,
+        reporter=_reporter(quiet),
         recipe=recipe,
         series=series,
         modality=modality,
         instruction=instruction,
         thinking=think,
         max_new_tokens=max_new_tokens,
-        reporter=_reporter(quiet),
+        overlay=overlay,
+        dpi=dpi,
+        token_budget=token_budget,
+        reasoner=reasoner,
     )
-    typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+    _emit(chosen, result, fmt, quiet)
+
+
+@app.command()
+def parse(
+    task: Annotated[str, typer.Argument(help="Task whose parser to use.")],
+    image_size: Annotated[
+        str | None, typer.Option(help="localize: WxH of the original image, for pixel boxes.")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="json or a task's own format.")] = "json",
+) -> None:
+    """Parse a model's raw output (stdin) with a task's parser, e.g. output from a hosted endpoint."""
+    from medlens.tasks import get_task
+    from medlens.tasks.runner import parse_output
+
+    chosen = get_task(task)
+    context = chosen.parse_context(image_size=image_size)
+    parsed = parse_output(chosen, sys.stdin.read(), context)
+    result = {
+        "task": chosen.name,
+        "final_answer": parsed.final_answer,
+        "payload": parsed.payload,
+        "parse_error": parsed.error,
+        "warnings": parsed.warnings,
+        "disclaimer": DISCLAIMER,
+    }
+    _emit(chosen, result, fmt, quiet=False)
+
+
+@app.command()
+def tasks() -> None:
+    """List the tasks."""
+    from medlens.tasks import TASKS, get_task
+
+    for name in TASKS:
+        task = get_task(name)
+        typer.echo(f"{name:<14} {task.description}")
+
+
+def split_inputs(args: list[str]) -> tuple[list[str], str | None]:
+    """INPUT... [QUESTION]: the last argument is the question when it is not an existing file or folder."""
+    if len(args) > 1 and not Path(args[-1]).exists():
+        return args[:-1], args[-1]
+    return args, None
+
+
+def _emit(task, result: dict, fmt: str, quiet: bool) -> None:
+    """Print the result as JSON, or in the task's own format (warnings then go to stderr)."""
+    if fmt == "json":
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    rendered = task.render(result.get("payload") or {}, fmt)
+    if rendered is None:
+        raise MedlensError(f"task {task.name} has no {fmt!r} format (use json)")
+    typer.echo(rendered, nl=False)
+    _note(result.get("warnings", []), quiet)
+    if result.get("parse_error"):
+        raise MedlensError(f"could not parse the model output: {result['parse_error']}")
 
 
 @app.command()

@@ -1,0 +1,27 @@
+"""Clinical tasks as registered units (prompt builder + parser + result type); see :mod:`medlens.tasks.base`.
+
+Task modules are imported only when their task is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from medlens.registry import Registry
+from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions, TaskRequest
+
+#: task name -> "module:Class"
+TASKS: Registry[str] = Registry("task")
+for _name, _target in {
+    "qa": "medlens.tasks.qa:QuestionTask",
+}.items():
+    TASKS.add(_name, _target)
+
+
+def get_task(name: str) -> Task:
+    """An instance of the task registered as ``name`` (did-you-mean error otherwise)."""
+    module, _, attr = TASKS.get(name).partition(":")
+    return getattr(importlib.import_module(module), attr)()
+
+
+__all__ = ["TASKS", "ParseError", "Parsed", "Task", "TaskBuild", "TaskOptions", "TaskRequest", "get_task"]

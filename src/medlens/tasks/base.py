@@ -1,0 +1,103 @@
+"""What a task is: a prompt builder, a parser and a result type, registered by name.
+
+A task reads and prepares its inputs (through ``medlens.io``/``medlens.prep``), builds one or more chat
+requests, and parses each raw model output into a validated payload. It never raises on bad model output:
+a parse failure is reported in :class:`Parsed.error` and ends up in the result envelope.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from medlens.chat import Messages
+
+
+@dataclass
+class TaskOptions:
+    """Everything a user can set for a task run (CLI options map one to one)."""
+
+    recipe: str = "medgemma-1.5"
+    series: str | None = None
+    modality: str | None = None
+    instruction: str | None = None
+    thinking: bool = False
+    max_new_tokens: int | None = None
+    overlay: Path | None = None  # localize: write the boxes drawn on the image here
+    dpi: int = 150  # lab-extract: PDF pages are rendered at this resolution
+    token_budget: int = 6000  # ehr-qa: the patient summary must fit this many tokens
+    reasoner: str | None = None  # differential: the text model of stage 2 (default: the same model)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskRequest:
+    """One prompt of a task and what its parser needs to know about the inputs (image size, padding ...)."""
+
+    messages: Messages
+    context: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class TaskBuild:
+    """The prepared prompts of one task run."""
+
+    requests: list[TaskRequest]
+    recipe: str | None = None
+    n_images: int = 0
+    warnings: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # extra envelope fields (modality, series tag ...)
+
+
+@dataclass
+class Parsed:
+    """A parsed model output: the payload (JSON-ready), its short form, and what went wrong if anything."""
+
+    payload: dict[str, Any] | None = None
+    final_answer: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class ParseError(ValueError):
+    """Raised inside parsers; the runner turns it into ``Parsed.error``."""
+
+
+class Task(ABC):
+    """Base class of every task. Subclasses set the class attributes and implement build and parse."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    min_inputs: ClassVar[int] = 1
+    max_inputs: ClassVar[int] = 1
+    #: used when the user gives no question; None means a question is required
+    default_question: ClassVar[str | None] = ""
+
+    @abstractmethod
+    def build(self, inputs: list[Path], question: str, options: TaskOptions) -> TaskBuild:
+        """Read the inputs and build the requests."""
+
+    @abstractmethod
+    def parse(self, text: str, context: dict[str, Any]) -> Parsed:
+        """Parse one raw output (thinking trace included; the parser removes it)."""
+
+    def combine(self, parsed: list[Parsed]) -> Parsed:
+        """Merge the parses of several requests (e.g. PDF pages); one request by default."""
+        if len(parsed) != 1:
+            raise NotImplementedError(f"task {self.name} builds one request")
+        return parsed[0]
+
+    def finish(self, parsed: Parsed, build: TaskBuild, options: TaskOptions) -> list[str]:
+        """Side outputs after parsing (an overlay image ...); returns warnings."""
+        return []
+
+    def parse_context(self, **given: Any) -> dict[str, Any]:
+        """The parse context for ``medlens parse`` from what the user gave (e.g. ``image_size="WxH"``)."""
+        return {k: v for k, v in given.items() if v is not None}
+
+    def render(self, payload: dict[str, Any], fmt: str) -> str | None:
+        """The payload in another format (``csv`` ...), or None when the task has no such format."""
+        return None

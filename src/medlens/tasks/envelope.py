@@ -1,0 +1,59 @@
+"""The result envelope every task returns, from the Python API and from ``medlens ask --task``."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from medlens import DISCLAIMER, __version__
+
+
+class InputRef(BaseModel):
+    """An input file and the SHA-256 of its bytes (for a folder: of its files' names and hashes)."""
+
+    file: str
+    sha256: str
+
+
+class Envelope(BaseModel):
+    """Same fields for every task; ``payload`` holds the task's validated result."""
+
+    task: str
+    model: str
+    engine: str
+    untrained_test_model: bool = False
+    recipe: str | None = None
+    inputs: list[InputRef] = Field(default_factory=list)
+    n_images: int = 0
+    answer: str = ""
+    final_answer: str | None = None
+    thinking: str | None = None
+    payload: dict[str, Any] | None = None
+    parse_error: str | None = None
+    raw_output: list[str] = Field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+    medlens_version: str = __version__
+    disclaimer: str = DISCLAIMER
+
+
+def sha256_of(path: str | Path) -> str:
+    """SHA-256 of a file, or of a folder's sorted (relative name, file hash) list."""
+    path = Path(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{child.relative_to(path)}\0{sha256_of(child)}\n".encode())
+        return digest.hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,128 @@
+"""Run a task: build its requests, generate with any backend, parse, wrap everything in the envelope."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from medlens.backends import Backend, GenerationRequest, load_backend
+from medlens.errors import MedlensError
+from medlens.progress import Reporter, Timer
+from medlens.prompts import split_thinking
+from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions
+from medlens.tasks.envelope import Envelope, InputRef, sha256_of
+
+
+def check_inputs(task: Task, inputs: Sequence[Path], question: str | None) -> str:
+    """Validate the number of inputs and the question; return the question to use."""
+    if not task.min_inputs <= len(inputs) <= task.max_inputs:
+        wanted = str(task.min_inputs) if task.min_inputs == task.max_inputs else f"{task.min_inputs}-{task.max_inputs}"
+        raise MedlensError(f"task {task.name} takes {wanted} input(s), got {len(inputs)}")
+    if not question:
+        if task.default_question is None:
+            raise MedlensError(f"task {task.name} needs a question")
+        return task.default_question
+    return question
+
+
+def parse_output(task: Task, text: str, context: dict) -> Parsed:
+    """``task.parse`` that never raises on model output: failures become ``Parsed.error``."""
+    try:
+        return task.parse(text, context)
+    except ParseError as exc:
+        return Parsed(error=str(exc))
+
+
+def generate(
+    backend: Backend, build: TaskBuild, options: TaskOptions, timer: Timer, reporter: Reporter
+) -> tuple[list[str], Envelope]:
+    """Run the build's requests; returns the raw texts and a partly filled envelope (tokens, timings)."""
+    requests = [
+        GenerationRequest(r.messages, max_new_tokens=r.max_new_tokens or options.max_new_tokens) for r in build.requests
+    ]
+    with timer("generate"), reporter.stage("Generating", total=len(requests)) as update:
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            update(done[0], len(requests))
+
+        outputs = backend.generate(requests, progress=advance)
+    envelope = Envelope(
+        task="",
+        model=backend.model_name,
+        engine=backend.engine,
+        untrained_test_model=backend.is_test_model,
+        prompt_tokens=sum(o.prompt_tokens for o in outputs),
+        completion_tokens=sum(o.completion_tokens for o in outputs),
+        finish_reason="length" if any(o.finish_reason == "length" for o in outputs) else "stop",
+    )
+    return [o.text for o in outputs], envelope
+
+
+def run_task(
+    task: Task,
+    inputs: Sequence[str | Path],
+    question: str | None,
+    model: str | Backend,
+    options: TaskOptions | None = None,
+    *,
+    engine: str = "transformers",
+    reporter: Reporter | None = None,
+) -> Envelope:
+    """The whole task: read, prepare, generate, parse; a parse failure is reported, not raised."""
+    options = options or TaskOptions()
+    reporter = reporter or Reporter(False)
+    timer = Timer()
+    paths = [Path(p) for p in inputs]
+    question = check_inputs(task, paths, question)
+    with timer("read_prepare"), reporter.stage(f"Preparing ({task.name})"):
+        build = task.build(paths, question, options)
+    backend = _backend(model, engine, timer, reporter)
+    texts, envelope = generate(backend, build, options, timer, reporter)
+    parsed = task.combine([parse_output(task, t, r.context) for t, r in zip(texts, build.requests, strict=True)])
+    warnings = [*build.warnings, *parsed.warnings, *task.finish(parsed, build, options)]
+    return finalize(envelope, task, paths, build, texts, parsed, warnings, timer)
+
+
+def finalize(
+    envelope: Envelope,
+    task: Task,
+    paths: Sequence[Path],
+    build: TaskBuild,
+    texts: list[str],
+    parsed: Parsed,
+    warnings: list[str],
+    timer: Timer,
+) -> Envelope:
+    """Fill the envelope's common fields."""
+    split = [split_thinking(t) for t in texts]
+    envelope.task = task.name
+    envelope.recipe = build.recipe
+    envelope.inputs = [InputRef(file=str(p), sha256=sha256_of(p)) for p in paths]
+    envelope.n_images = build.n_images
+    envelope.answer = "\n\n".join(s.answer for s in split)
+    envelope.thinking = "\n\n".join(s.thinking for s in split if s.thinking) or None
+    envelope.final_answer = parsed.final_answer
+    envelope.payload = parsed.payload
+    envelope.parse_error = parsed.error
+    envelope.raw_output = texts
+    envelope.details = build.details
+    envelope.timings = timer.seconds
+    if envelope.untrained_test_model:
+        from medlens.backends.models import TEST_MODEL_WARNING
+
+        warnings.insert(0, TEST_MODEL_WARNING)
+    if envelope.finish_reason == "length":
+        warnings.append("the answer was cut at max_new_tokens")
+    if parsed.error:
+        warnings.append(f"could not parse the model output: {parsed.error}")
+    envelope.warnings = warnings
+    return envelope
+
+
+def _backend(model: str | Backend, engine: str, timer: Timer, reporter: Reporter) -> Backend:
+    if isinstance(model, Backend):
+        return model
+    with timer("load_model"), reporter.stage(f"Loading {model}"):
+        return load_backend(model, engine)
