@@ -128,11 +128,25 @@ def read_instance(path: Path, display: str) -> DicomInstance:
         instance_number=integer(ds, "InstanceNumber"),
         series_number=integer(ds, "SeriesNumber"),
         pixel_spacing=_pair(floats(ds, "PixelSpacing", 2) or floats(ds, "ImagerPixelSpacing", 2)),
-        acquisition=text(ds, "AcquisitionDateTime") or text(ds, "AcquisitionDate"),
+        acquisition=acquisition_time(ds),
         frames=_frames(ds, n_frames),
         has_modality_lut="ModalityLUTSequence" in ds,
         invert=photometric == "MONOCHROME1" or text(ds, "PresentationLUTShape").upper() == "INVERSE",
     )
+
+
+def acquisition_time(ds: Any) -> str:
+    """When the image was made, as sortable digits YYYYMMDDHHMMSS ('' when the header has no date):
+    AcquisitionDateTime, else AcquisitionDate/Time, ContentDate/Time, StudyDate/Time, SeriesDate/Time."""
+    pairs = (("Acquisition", "Acquisition"), ("Content", "Content"), ("Study", "Study"), ("Series", "Series"))
+    stamp = text(ds, "AcquisitionDateTime")
+    for date_kw, time_kw in pairs:
+        if stamp:
+            break
+        date = text(ds, f"{date_kw}Date")
+        stamp = date + text(ds, f"{time_kw}Time") if date else ""
+    digits = "".join(ch for ch in stamp.split("+")[0].split(".")[0] if ch.isdigit())
+    return digits[:14] if len(digits) >= 8 else ""
 
 
 def _sop_class(ds: Any) -> str:

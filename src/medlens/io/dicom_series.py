@@ -194,5 +194,6 @@ def to_stack(cand: SeriesCandidate, source: str) -> ImageStack:
         pixel_spacing=first.pixel_spacing,
         slice_spacing=cand.slice_spacing,
         orientation=cand.orientation,
+        acquired=min((e.instance.acquisition for e in entries if e.instance.acquisition), default=None),
         notes=list(cand.notes),
     )

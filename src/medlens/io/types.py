@@ -64,6 +64,7 @@ class ImageStack:
     pixel_spacing: tuple[float, float] | None = None
     slice_spacing: float | None = None
     orientation: tuple[float, ...] | None = None
+    acquired: str | None = None  # YYYYMMDDHHMMSS digits (DICOM), None when unknown
     notes: list[str] = field(default_factory=list)
     #: keeps temporary files (an unpacked zip) alive as long as the stack can still load slices
     keepalive: object = field(default=None, repr=False)

@@ -57,6 +57,7 @@ class Prepared:
     series_uid: str | None
     n_source_slices: int
     warnings: list[str] = field(default_factory=list)
+    acquired: str | None = None  # when the study was made (YYYYMMDDHHMMSS), from the DICOM header
 
     @property
     def is_volume(self) -> bool:
@@ -113,6 +114,7 @@ def prepare(stack: ImageStack, recipe: str = "medgemma-1.5") -> Prepared:
         series_uid=stack.series_uid,
         n_source_slices=len(stack),
         warnings=warnings,
+        acquired=stack.acquired,
     )
 
 

@@ -14,6 +14,10 @@ from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions,
 TASKS: Registry[str] = Registry("task")
 for _name, _target in {
     "qa": "medlens.tasks.qa:QuestionTask",
+    "localize": "medlens.tasks.localize:LocalizeTask",
+    "compare": "medlens.tasks.compare:CompareTask",
+    "report": "medlens.tasks.report:ReportTask",
+    "differential": "medlens.tasks.differential:DifferentialTask",
 }.items():
     TASKS.add(_name, _target)
 

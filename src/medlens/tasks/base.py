@@ -90,6 +90,14 @@ class Task(ABC):
             raise NotImplementedError(f"task {self.name} builds one request")
         return parsed[0]
 
+    def second_stage(self, first: Parsed, question: str, options: TaskOptions) -> TaskBuild | None:
+        """Requests built from the first stage's result, for two-stage tasks (None: one stage)."""
+        return None
+
+    def merge(self, first: Parsed, second: Parsed) -> Parsed:
+        """The result of a two-stage task from both stages' parses."""
+        return second
+
     def finish(self, parsed: Parsed, build: TaskBuild, options: TaskOptions) -> list[str]:
         """Side outputs after parsing (an overlay image ...); returns warnings."""
         return []

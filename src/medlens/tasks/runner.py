@@ -26,21 +26,24 @@ def check_inputs(task: Task, inputs: Sequence[Path], question: str | None) -> st
 
 
 def parse_output(task: Task, text: str, context: dict) -> Parsed:
-    """``task.parse`` that never raises on model output: failures become ``Parsed.error``."""
+    """``task.parse`` that never raises on model output: failures become ``Parsed.error`` (the raw output is
+    kept in the envelope either way)."""
     try:
         return task.parse(text, context)
     except ParseError as exc:
         return Parsed(error=str(exc))
+    except Exception as exc:  # a parser bug must not lose the model's output
+        return Parsed(error=f"parser failed ({type(exc).__name__}: {exc})")
 
 
 def generate(
-    backend: Backend, build: TaskBuild, options: TaskOptions, timer: Timer, reporter: Reporter
+    backend: Backend, build: TaskBuild, options: TaskOptions, timer: Timer, reporter: Reporter, stage: str = "generate"
 ) -> tuple[list[str], Envelope]:
     """Run the build's requests; returns the raw texts and a partly filled envelope (tokens, timings)."""
     requests = [
         GenerationRequest(r.messages, max_new_tokens=r.max_new_tokens or options.max_new_tokens) for r in build.requests
     ]
-    with timer("generate"), reporter.stage("Generating", total=len(requests)) as update:
+    with timer(stage), reporter.stage("Generating", total=len(requests)) as update:
         done = [0]
 
         def advance(n: int) -> None:
@@ -81,7 +84,25 @@ def run_task(
     backend = _backend(model, engine, timer, reporter)
     texts, envelope = generate(backend, build, options, timer, reporter)
     parsed = task.combine([parse_output(task, t, r.context) for t, r in zip(texts, build.requests, strict=True)])
-    warnings = [*build.warnings, *parsed.warnings, *task.finish(parsed, build, options)]
+    warnings = [*build.warnings, *parsed.warnings]
+    second = task.second_stage(parsed, question, options) if not parsed.error else None
+    if second is not None:
+        reasoner = _backend(options.reasoner, engine, timer, reporter) if options.reasoner else backend
+        texts2, envelope2 = generate(reasoner, second, options, timer, reporter, stage="generate_stage2")
+        parsed2 = task.combine([parse_output(task, t, r.context) for t, r in zip(texts2, second.requests, strict=True)])
+        warnings += [*second.warnings, *parsed2.warnings]
+        parsed = task.merge(parsed, parsed2)
+        texts += texts2
+        envelope.prompt_tokens += envelope2.prompt_tokens
+        envelope.completion_tokens += envelope2.completion_tokens
+        envelope.untrained_test_model |= envelope2.untrained_test_model
+        if envelope2.finish_reason == "length":
+            envelope.finish_reason = "length"
+        build.details["stages"] = [
+            {"stage": 1, "model": envelope.model, "engine": envelope.engine},
+            {"stage": 2, "model": envelope2.model, "engine": envelope2.engine},
+        ]
+    warnings += task.finish(parsed, build, options)
     return finalize(envelope, task, paths, build, texts, parsed, warnings, timer)
 
 

@@ -1,0 +1,72 @@
+"""``report``: a radiology report with findings and impression, for a chest X-ray or a CT/MRI volume."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from medlens.api import prepare_study
+from medlens.prompts import messages_for, split_thinking
+from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions, TaskRequest
+from medlens.tasks.qa import study_details
+
+_KINDS = {"ct": "CT volume", "mr": "MRI volume", "radiograph": "radiograph", "color": "image"}
+_HEADER = re.compile(
+    r"^[ \t#>*_]*(findings|impression|conclusion|technique|comparison|indication|history)[ \t*_]*[:：]?[ \t*_]*",
+    re.IGNORECASE | re.MULTILINE,
+)
+_ALIASES = {"conclusion": "impression"}
+
+
+class ReportTask(Task):
+    name = "report"
+    description = "A radiology report (findings and impression) for a chest X-ray or a CT/MRI volume"
+    default_question = ""
+
+    def build(self, inputs: list[Path], question: str, options: TaskOptions) -> TaskBuild:
+        prepared = prepare_study(inputs[0], options.recipe, options.series, options.modality)
+        kind = _KINDS.get(prepared.family, "image")
+        prompt = (
+            f"Write a radiology report for this {kind}, with a FINDINGS section describing what is seen and an "
+            "IMPRESSION section with the main conclusions."
+        )
+        if question:
+            prompt = f"{prompt}\n{question}"
+        messages = messages_for(prepared, prompt, instruction=options.instruction, thinking=options.thinking)
+        return TaskBuild(
+            requests=[TaskRequest(messages, {}, max_new_tokens=None)],
+            recipe=prepared.recipe,
+            n_images=len(prepared.images),
+            warnings=list(prepared.warnings),
+            details=study_details(prepared),
+        )
+
+    def parse(self, text: str, context: dict[str, Any]) -> Parsed:
+        answer = split_thinking(text).answer.strip()
+        if not answer:
+            raise ParseError("the model wrote no report")
+        sections = split_sections(answer)
+        warnings = []
+        if "findings" not in sections and "impression" not in sections:
+            sections = {"findings": answer}
+            warnings.append("no FINDINGS/IMPRESSION headers in the report; the whole text is taken as findings")
+        payload = {
+            "findings": sections.pop("findings", None),
+            "impression": sections.pop("impression", None),
+            "other_sections": sections,
+        }
+        return Parsed(payload=payload, final_answer=payload["impression"], warnings=warnings)
+
+
+def split_sections(text: str) -> dict[str, str]:
+    """Section name (lower case) -> its text, for the headers models write (``FINDINGS:``, ``**Impression**``)."""
+    matches = list(_HEADER.finditer(text))
+    sections: dict[str, str] = {}
+    ends = [m.start() for m in matches[1:]] + [len(text)]
+    for match, end in zip(matches, ends[: len(matches)], strict=True):
+        name = _ALIASES.get(match.group(1).lower(), match.group(1).lower())
+        body = text[match.end() : end].strip()
+        if body:
+            sections[name] = f"{sections[name]}\n{body}" if name in sections else body
+    return sections
