@@ -14,6 +14,8 @@ from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions,
 TASKS: Registry[str] = Registry("task")
 for _name, _target in {
     "qa": "medlens.tasks.qa:QuestionTask",
+    "ehr-qa": "medlens.tasks.ehr:EhrQuestionTask",
+    "lab-extract": "medlens.tasks.lab:LabExtractTask",
     "localize": "medlens.tasks.localize:LocalizeTask",
     "compare": "medlens.tasks.compare:CompareTask",
     "report": "medlens.tasks.report:ReportTask",
