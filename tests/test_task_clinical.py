@@ -9,27 +9,14 @@ import json
 import numpy as np
 import pytest
 from dicom_factory import write_radiograph
+from scripted import ScriptedBackend
 
-from medlens.backends.base import Backend, GenerationOutput
 from medlens.demo.phantom import ct_phantom, write_ct_series
 from medlens.tasks import TASKS, TaskOptions, get_task
 from medlens.tasks.compare import parse_progression
 from medlens.tasks.envelope import sha256_of
 from medlens.tasks.report import split_sections
 from medlens.tasks.runner import run_task
-
-
-class ScriptedBackend(Backend):
-    """Answers with canned texts in order; records the requests it got."""
-
-    engine = "scripted"
-
-    def __init__(self, *texts: str, name: str = "scripted") -> None:
-        self.texts, self.model_name, self.requests = list(texts), name, []
-
-    def generate(self, requests, progress=None):
-        self.requests.extend(requests)
-        return [GenerationOutput(self.texts.pop(0), 10, 5, "stop") for _ in requests]
 
 
 def _cxr(path, date, value=1000):

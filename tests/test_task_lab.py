@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scripted import ScriptedBackend
 
-from medlens.backends import Backend, GenerationOutput, GenerationRequest
 from medlens.errors import CorruptFileError, MedlensError, NotFoundError, TooLargeError, UnsupportedInputError
 from medlens.io.pdf import read_pages, render_pdf
 from medlens.tasks import TaskOptions, get_task
@@ -417,24 +417,9 @@ def test_csv_is_exact():
 # ------------------------------------------------------------------------------------------ end to end
 
 
-class ScriptedBackend(Backend):
-    """Answers each request with the next scripted text; keeps the requests for inspection."""
-
-    engine = "scripted"
-    model_name = "scripted"
-
-    def __init__(self, texts: list[str]) -> None:
-        self.texts = texts
-        self.requests: list[GenerationRequest] = []
-
-    def generate(self, requests, progress=None):
-        self.requests += requests
-        return [GenerationOutput(t, 10, 10, "stop") for t in self.texts[: len(requests)]]
-
-
 def test_requests_put_each_page_image_before_the_prompt(report):
     path, _ = report
-    backend = ScriptedBackend([FULL, "no table here", '```json\n[{"name": "TSH", "result": "2.1"}]\n```'])
+    backend = ScriptedBackend(FULL, "no table here", '```json\n[{"name": "TSH", "result": "2.1"}]\n```')
     options = TaskOptions(dpi=72)
     envelope = run_task(get_task("lab-extract"), [path], "Leave out the units.", backend, options)
     assert len(backend.requests) == 3

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from scripted import ScriptedBackend
 
-from medlens.backends.base import Backend, GenerationOutput
 from medlens.errors import MedlensError
 from medlens.prep.square import Padding, from_pixels, pad_to_square, padding_for, to_pixels
 from medlens.tasks import TASKS, TaskOptions, get_task
@@ -270,20 +270,6 @@ def test_mean_iou_matches_by_label():
 
 
 # --- build, overlay, CLI ---
-
-
-class ScriptedBackend(Backend):
-    """Answers every request with one canned text."""
-
-    engine = "scripted"
-    model_name = "scripted"
-
-    def __init__(self, text: str) -> None:
-        self.text, self.requests = text, []
-
-    def generate(self, requests, progress=None):
-        self.requests.extend(requests)
-        return [GenerationOutput(self.text, 10, 5, "stop") for _ in requests]
 
 
 @pytest.fixture

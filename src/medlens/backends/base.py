@@ -52,11 +52,20 @@ class Backend(ABC):
     #: default for ``max_new_tokens`` when a request leaves it unset
     default_max_new_tokens: int = 512
 
-    @abstractmethod
     def generate(
         self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
     ) -> list[GenerationOutput]:
-        """Complete every request, in order."""
+        """Complete every request, in order (one at a time unless an engine batches)."""
+        outputs = []
+        for request in requests:
+            outputs.append(self.generate_one(request))
+            if progress is not None:
+                progress(1)
+        return outputs
+
+    @abstractmethod
+    def generate_one(self, request: GenerationRequest) -> GenerationOutput:
+        """Complete one request."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model's memory."""

@@ -13,12 +13,11 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from medlens.backends.base import Backend, GenerationOutput, GenerationRequest, ProgressCallback
+from medlens.backends.base import Backend, GenerationOutput, GenerationRequest
 from medlens.chat import Messages
 from medlens.errors import BackendUnavailableError, MedlensError
 
@@ -36,17 +35,7 @@ class OpenAIBackend(Backend):
         self.api_key = api_key or os.environ.get("MEDLENS_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.timeout = timeout
 
-    def generate(
-        self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
-    ) -> list[GenerationOutput]:
-        outputs = []
-        for request in requests:
-            outputs.append(self._complete(request))
-            if progress is not None:
-                progress(1)
-        return outputs
-
-    def _complete(self, request: GenerationRequest) -> GenerationOutput:
+    def generate_one(self, request: GenerationRequest) -> GenerationOutput:
         body: dict[str, Any] = {
             "model": self.model_name,
             "messages": to_openai_messages(request.messages),

@@ -11,13 +11,13 @@ import gc
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medlens.backends.base import Backend, GenerationOutput, GenerationRequest, Messages, ProgressCallback
+from medlens.backends.base import Backend, GenerationOutput, GenerationRequest, Messages
 from medlens.backends.models import BUILTIN_MODELS, DOWNLOAD_HINT, MARKER_FILE
 from medlens.errors import BackendUnavailableError, MedlensError, ModelNotAvailableError
 
@@ -200,16 +200,6 @@ class TransformersBackend(Backend):
         ids.update(vocab[t] for t in _END_TOKENS if t in vocab)
         return ids
 
-    def generate(
-        self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
-    ) -> list[GenerationOutput]:
-        outputs = []
-        for request in requests:
-            outputs.append(self._generate_one(request))
-            if progress is not None:
-                progress(1)
-        return outputs
-
     def prepare(self, messages: Messages) -> Any:
         """Render the chat template and run the processor: the model inputs for one request, on device."""
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -225,7 +215,7 @@ class TransformersBackend(Backend):
             return inputs.to(self.model.device)
         return inputs.to(self.model.device, dtype=self.dtype)
 
-    def _generate_one(self, request: GenerationRequest) -> GenerationOutput:
+    def generate_one(self, request: GenerationRequest) -> GenerationOutput:
         torch = self._torch
         start = time.perf_counter()
         inputs = self.prepare(request.messages)

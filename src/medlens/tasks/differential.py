@@ -10,11 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from medlens.api import prepare_study
-from medlens.prompts import messages_for, text_messages
+from medlens.prompts import text_messages
 from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions, TaskRequest
 from medlens.tasks.jsonout import find_json
-from medlens.tasks.qa import study_details
+from medlens.tasks.study import study_build
 
 FINDINGS_PROMPT = (
     "List every imaging finding you see, normal or abnormal, as a JSON list. Each item is an object with the "
@@ -62,15 +61,7 @@ class DifferentialTask(Task):
     default_question = ""
 
     def build(self, inputs: list[Path], question: str, options: TaskOptions) -> TaskBuild:
-        prepared = prepare_study(inputs[0], options.recipe, options.series, options.modality)
-        messages = messages_for(prepared, FINDINGS_PROMPT, instruction=options.instruction, thinking=options.thinking)
-        return TaskBuild(
-            requests=[TaskRequest(messages, {"stage": 1})],
-            recipe=prepared.recipe,
-            n_images=len(prepared.images),
-            warnings=list(prepared.warnings),
-            details=study_details(prepared),
-        )
+        return study_build(inputs[0], FINDINGS_PROMPT, options, {"stage": 1})
 
     def parse(self, text: str, context: dict[str, Any]) -> Parsed:
         if context.get("stage", 1) == 1:

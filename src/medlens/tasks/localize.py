@@ -23,7 +23,7 @@ from medlens.prep.square import SCALE, Padding, pad_to_square, padding_for, to_p
 from medlens.prompts import image_messages, split_thinking
 from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions, TaskRequest
 from medlens.tasks.jsonout import find_json
-from medlens.tasks.qa import study_details
+from medlens.tasks.study import study_details
 
 DEFAULT_QUESTION = "Locate these structures on the chest X-ray: right lung, left lung, heart."
 

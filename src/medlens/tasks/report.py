@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medlens.api import prepare_study
-from medlens.prompts import messages_for, split_thinking
-from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions, TaskRequest
-from medlens.tasks.qa import study_details
+from medlens.prep import Prepared
+from medlens.prompts import split_thinking
+from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions
+from medlens.tasks.study import study_build
 
 _KINDS = {"ct": "CT volume", "mr": "MRI volume", "radiograph": "radiograph", "color": "image"}
 _HEADER = re.compile(
@@ -25,22 +25,14 @@ class ReportTask(Task):
     default_question = ""
 
     def build(self, inputs: list[Path], question: str, options: TaskOptions) -> TaskBuild:
-        prepared = prepare_study(inputs[0], options.recipe, options.series, options.modality)
-        kind = _KINDS.get(prepared.family, "image")
-        prompt = (
-            f"Write a radiology report for this {kind}, with a FINDINGS section describing what is seen and an "
-            "IMPRESSION section with the main conclusions."
-        )
-        if question:
-            prompt = f"{prompt}\n{question}"
-        messages = messages_for(prepared, prompt, instruction=options.instruction, thinking=options.thinking)
-        return TaskBuild(
-            requests=[TaskRequest(messages, {}, max_new_tokens=None)],
-            recipe=prepared.recipe,
-            n_images=len(prepared.images),
-            warnings=list(prepared.warnings),
-            details=study_details(prepared),
-        )
+        def prompt(prepared: Prepared) -> str:
+            text = (
+                f"Write a radiology report for this {_KINDS.get(prepared.family, 'image')}, with a FINDINGS section "
+                "describing what is seen and an IMPRESSION section with the main conclusions."
+            )
+            return f"{text}\n{question}" if question else text
+
+        return study_build(inputs[0], prompt, options)
 
     def parse(self, text: str, context: dict[str, Any]) -> Parsed:
         answer = split_thinking(text).answer.strip()
