@@ -158,6 +158,97 @@ def tasks() -> None:
         typer.echo(f"{name:<14} {task.description}")
 
 
+@app.command(name="eval")
+def eval_command(
+    benchmark: Annotated[str | None, typer.Option("--benchmark", "-b", help="Benchmark name or YAML file.")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Model (as for ask).")] = "test-tiny",
+    list_: Annotated[bool, typer.Option("--list", help="List the benchmarks.")] = False,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N items.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default runs/BENCHMARK-MODEL).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Data root (default $MEDLENS_DATA or ~/medlens-data).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per generate call.")] = 8,
+    engine: Annotated[str, typer.Option(help="Backend engine.")] = "transformers",
+    resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the intervals.")] = 1000,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a benchmark (resumable: rerun the same command after a crash), or --list them."""
+    if list_:
+        _list_benchmarks()
+        return
+    if not benchmark:
+        raise MedlensError("give --benchmark NAME (see medlens eval --list)")
+    from medlens.eval.runner import run_benchmark
+
+    run_dir = out or Path("runs") / f"{Path(benchmark).stem}-{_slug(model)}"
+    results = run_benchmark(
+        benchmark,
+        model,
+        out_dir=run_dir,
+        data=data,
+        limit=limit,
+        batch_size=batch_size,
+        engine=engine,
+        n_resamples=resamples,
+        reporter=_reporter(quiet),
+    )
+    published = results["published"]
+    for name, m in results["metrics"].items():
+        if m["value"] is None:
+            typer.echo(f"{results['benchmark']} {name}: undefined on these items (n={m['n']})")
+            continue
+        line = (
+            f"{results['benchmark']} {name}: {100 * m['value']:.1f} "
+            f"(95% CI {100 * m['ci_low']:.1f}-{100 * m['ci_high']:.1f}, n={m['n']})"
+        )
+        if published.get("value") is not None and published.get("metric") == name:
+            line += f"; published {published['model']}: {published['value']}"
+        typer.echo(line)
+    _note(
+        [f"{results['n_reused']} of {results['n_items']} outputs reused from the journal; run folder {run_dir}"], quiet
+    )
+
+
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="First run folder.")],
+    run_b: Annotated[Path, typer.Argument(help="Second run folder (same benchmark).")],
+    resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples.")] = 2000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Compare two runs on the same items: paired bootstrap, McNemar's exact test, items needed."""
+    from medlens.eval.compare import compare_runs, format_comparison
+
+    result = compare_runs(run_a, run_b, n_resamples=resamples)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_comparison(result))
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (several are shown side by side).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path("report.html"),
+) -> None:
+    """Write a self-contained HTML report of one or more evaluation runs."""
+    from medlens.eval.report import write_report
+
+    typer.echo(f"report written: {write_report(runs, out)}")
+
+
+def _list_benchmarks() -> None:
+    from medlens.eval.registry import benchmark_files
+    from medlens.eval.spec import load_spec
+
+    for name, path in benchmark_files().items():
+        spec = load_spec(path)
+        metrics = ", ".join(m.name for m in spec.metrics)
+        published = spec.published
+        pub = f"{published.metric} {published.value} ({published.model})" if published.value is not None else "-"
+        typer.echo(f"{name:<22} {metrics:<34} published: {pub}")
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in Path(text).name or text)[:60]
+
+
 def split_inputs(args: list[str]) -> tuple[list[str], str | None]:
     """INPUT... [QUESTION]: the last argument is the question when it is not an existing file or folder."""
     if len(args) > 1 and not Path(args[-1]).exists():

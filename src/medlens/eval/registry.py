@@ -1,0 +1,50 @@
+"""Where benchmarks are found: the built-in YAML files, folders in ``MEDLENS_BENCHMARKS``, or a YAML path."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from importlib.resources import files
+from pathlib import Path
+
+from medlens.errors import MedlensError
+from medlens.eval.kinds import KINDS, Kind
+from medlens.eval.spec import BenchmarkSpec, load_spec
+from medlens.registry import Registry
+
+
+def benchmark_files() -> dict[str, Path]:
+    """Benchmark name -> YAML file; user folders (``MEDLENS_BENCHMARKS``, ``:``-separated) override built-ins."""
+    folders = [Path(str(files("medlens.eval").joinpath("benchmarks")))]
+    folders += [Path(p).expanduser() for p in os.environ.get("MEDLENS_BENCHMARKS", "").split(os.pathsep) if p]
+    found: dict[str, Path] = {}
+    for folder in folders:
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+            found[path.stem] = path
+    return found
+
+
+def get_benchmark(name_or_path: str) -> tuple[BenchmarkSpec, Path]:
+    """A benchmark by name (did-you-mean on typos) or by the path of its YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return load_spec(path), path
+    known: Registry[Path] = Registry("benchmark")
+    for name, file in benchmark_files().items():
+        known.add(name, file)
+    file = known.get(name_or_path)
+    return load_spec(file), file
+
+
+def make_kind(spec: BenchmarkSpec, spec_path: Path, recipe: str) -> Kind:
+    """The hook object of a benchmark: a registered kind, or ``hooks.py:ClassName`` next to the YAML file."""
+    if ":" in spec.kind and spec.kind.split(":")[0].endswith(".py"):
+        file, _, attr = spec.kind.partition(":")
+        module_path = (spec_path.parent / file).resolve()
+        module_spec = importlib.util.spec_from_file_location(f"medlens_user_hooks_{spec.name}", module_path)
+        if module_spec is None or module_spec.loader is None or not module_path.exists():
+            raise MedlensError(f"benchmark {spec.name}: hook file {module_path} not found")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return getattr(module, attr)(spec, recipe)
+    return KINDS.get(spec.kind)(spec, recipe)

@@ -1,0 +1,191 @@
+"""Small synthetic datasets in the layout of every built-in benchmark (test-only; no patient data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from medlens.demo.phantom import ct_phantom, write_ct_series
+
+
+def _png(path: Path, seed: int, size: int = 48) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size, size)).astype(np.uint8)).save(path)
+    return path.name
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _mcq(n: int = 3) -> list[dict]:
+    return [
+        {
+            "id": f"q{i}",
+            "question": f"Which organ makes insulin? ({i})",
+            "options": {"A": "liver", "B": "pancreas", "C": "spleen", "D": "kidney"},
+            "target": "B",
+        }
+        for i in range(n)
+    ]
+
+
+def build_all(root: Path) -> Path:
+    """Write a dataset for every built-in benchmark that reads files; returns the data root."""
+    for name in (
+        "medqa/test.jsonl",
+        "medmcqa/validation.jsonl",
+        "mmlu-medical/test.jsonl",
+        "medxpertqa/test.jsonl",
+        "afrimedqa/test.jsonl",
+    ):
+        _jsonl(root / name, _mcq())
+    _jsonl(
+        root / "pubmedqa/test.jsonl",
+        [
+            {
+                "id": f"p{i}",
+                "context": "Aspirin reduced events in the trial.",
+                "question": "Does aspirin help?",
+                "target": t,
+            }
+            for i, t in enumerate(["yes", "no", "maybe"])
+        ],
+    )
+    for bench in ("vqa-rad", "slake"):
+        _jsonl(
+            root / f"{bench}/test.jsonl",
+            [
+                {"id": f"v{i}", "image": _png(root / bench / f"img{i}.png", i), "question": q, "target": a}
+                for i, (q, a) in enumerate([("Is there a fracture?", "no"), ("Which organ is shown?", "left lung")])
+            ],
+        )
+    _jsonl(
+        root / "pathmcqa/test.jsonl",
+        [{**q, "image": _png(root / "pathmcqa" / f"p{i}.png", 10 + i)} for i, q in enumerate(_mcq(2))],
+    )
+    for _bench, folder in (
+        ("mimic-cxr-conditions", "mimic-cxr"),
+        ("chexpert-conditions", "chexpert"),
+        ("cxr14-conditions", "cxr14"),
+    ):
+        rows = []
+        for i in range(2):
+            image = _png(root / folder / f"cxr{i}.png", 20 + i)
+            rows += [
+                {"id": f"{i}-{c}", "image": image, "label": c, "target": t}
+                for c, t in (("cardiomegaly", "yes"), ("pleural effusion", "no"))
+            ]
+        _jsonl(root / folder / "conditions.jsonl", rows)
+    for folder in ("ct-rate", "ct"):
+        rows = []
+        for i in range(2):
+            hu, _ = ct_phantom(n_slices=6, size=32, seed=i)
+            write_ct_series(hu, root / folder / f"vol{i}", seed=i)
+            rows += [
+                {"id": f"{i}-{c}", "image": f"vol{i}", "label": c, "target": t}
+                for c, t in (("liver lesion", "yes"), ("pleural effusion", "no"), ("emphysema", "no"))
+            ]
+        _jsonl(root / folder / "conditions.jsonl", rows)
+    import nibabel as nib
+
+    (root / "mri").mkdir(parents=True, exist_ok=True)
+    mr = np.random.default_rng(3).random((24, 24, 6)).astype(np.float32) * 500
+    nib.save(nib.Nifti1Image(mr, np.eye(4)), str(root / "mri" / "brain.nii.gz"))
+    _jsonl(
+        root / "mri/conditions.jsonl",
+        [{"id": c, "image": "brain.nii.gz", "label": c, "target": t} for c, t in (("tumor", "no"), ("edema", "yes"))],
+    )
+    _jsonl(
+        root / "chest-imagenome/test.jsonl",
+        [
+            {
+                "id": "g0",
+                "image": _png(root / "chest-imagenome" / "a.png", 30),
+                "question": "Locate the heart.",
+                "target": [{"label": "heart", "box_2d": [400, 300, 800, 700]}],
+            }
+        ],
+    )
+    _jsonl(
+        root / "ms-cxr-t/test.jsonl",
+        [
+            {
+                "id": "t0",
+                "prior": _png(root / "ms-cxr-t" / "p.png", 40),
+                "current": _png(root / "ms-cxr-t" / "c.png", 41),
+                "question": "Has the pleural effusion changed?",
+                "group": "pleural effusion",
+                "target": "improved",
+            }
+        ],
+    )
+    _jsonl(
+        root / "lab-reports/test.jsonl",
+        [
+            {
+                "id": "l0",
+                "image": _png(root / "lab-reports" / "page.png", 50, 64),
+                "target": [{"name": "Hemoglobin", "result": "13.5", "unit": "g/dL"}],
+            }
+        ],
+    )
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"resource": {"resourceType": "Patient", "id": "p", "gender": "female", "birthDate": "1950-01-01"}},
+            {
+                "resource": {
+                    "resourceType": "Condition",
+                    "id": "c",
+                    "subject": {"reference": "Patient/p"},
+                    "code": {"text": "Type 2 diabetes"},
+                    "onsetDateTime": "2015-01-01",
+                }
+            },
+        ],
+    }
+    (root / "ehrqa").mkdir(parents=True, exist_ok=True)
+    (root / "ehrqa" / "record.json").write_text(json.dumps(bundle))
+    _jsonl(
+        root / "ehrqa/test.jsonl",
+        [
+            {
+                "id": "e0",
+                "record": "record.json",
+                "question": "Does the patient have diabetes? Final Answer: yes or no.",
+                "target": "yes",
+            }
+        ],
+    )
+    _jsonl(
+        root / "wsi/test.jsonl",
+        [
+            {
+                "id": "w0",
+                "images": [_png(root / "wsi" / f"patch{i}.png", 60 + i) for i in range(3)],
+                "tissue": "breast",
+                "procedure": "core needle biopsy",
+                "target": "invasive ductal carcinoma, grade 2",
+            }
+        ],
+    )
+    _jsonl(
+        root / "medpix/test.jsonl",
+        [
+            {
+                "id": "m0",
+                "image": _png(root / "medpix" / "case.png", 70),
+                "question": "A 40-year-old with headache.",
+                "target": "meningioma",
+                "synonyms": ["meningeal tumour"],
+            }
+        ],
+    )
+    return root

@@ -1,0 +1,162 @@
+"""The evaluation engine end to end: every built-in benchmark on synthetic data with test-tiny, the journal,
+crash-resume after kill -9, cache invalidation, missing data messages, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from eval_data import build_all
+from scripted import ScriptedBackend
+
+from medlens.eval.journal import Journal
+from medlens.eval.registry import benchmark_files, get_benchmark
+from medlens.eval.runner import RESULTS, SAMPLES, run_benchmark
+
+BUILTIN = sorted(benchmark_files())
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return build_all(tmp_path_factory.mktemp("eval-data"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from medlens.backends import load_backend
+
+    return load_backend("test-tiny")
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_builtin_benchmark_runs_with_test_tiny(name, data_root, tiny, tmp_path):
+    limit = 4 if name == "iu-cxr-findings" else None
+    results = run_benchmark(name, tiny, out_dir=tmp_path, data=data_root, limit=limit, n_resamples=200)
+    spec, _ = get_benchmark(name)
+    samples = [json.loads(line) for line in (tmp_path / SAMPLES).read_text().splitlines()]
+    assert results["n_items"] == len(samples) > 0
+    assert set(results["metrics"]) == {m.name for m in spec.metrics}
+    for metric in results["metrics"].values():
+        assert 0.0 <= metric["ci_low"] <= metric["value"] <= metric["ci_high"] <= 1.0
+    assert results["untrained_test_model"] and json.loads((tmp_path / RESULTS).read_text())["benchmark"] == name
+    for sample in samples:
+        assert {"id", "inputs", "prompt", "raw_output", "prediction", "target", "scores"} <= set(sample)
+
+
+def test_list_shows_metrics_and_published_numbers(cli):
+    code, out, _ = cli("eval", "--list")
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("medqa "))
+    assert "accuracy" in line and "69.1" in line
+    assert len(out.splitlines()) == len(BUILTIN) >= 20
+
+
+def test_missing_data_says_what_to_put_where(tmp_path, cli):
+    code, _, err = cli("eval", "--benchmark", "medqa", "--data", tmp_path, "--out", tmp_path / "run", "-q")
+    assert code == 2
+    assert str(tmp_path / "medqa" / "test.jsonl") in err and "MedQA" in err and "JSONL" in err
+
+
+def test_unknown_benchmark(cli):
+    code, _, err = cli("eval", "--benchmark", "medqaa")
+    assert code == 2 and "did you mean 'medqa'" in err
+
+
+def test_journal_reuses_greedy_outputs_and_invalidates_on_prompt_change(data_root, tmp_path):
+    first = ScriptedBackend("Final Answer: B")
+    run_benchmark("medqa", first, out_dir=tmp_path, data=data_root, n_resamples=200)
+    assert len(first.requests) == 3
+    again = ScriptedBackend("Final Answer: A")
+    results = run_benchmark("medqa", again, out_dir=tmp_path, data=data_root, n_resamples=200)
+    assert len(again.requests) == 0 and results["n_reused"] == 3 and results["metrics"]["accuracy"]["value"] == 1.0
+    spec_file = tmp_path / "medqa-changed.yaml"
+    text = get_benchmark("medqa")[1].read_text().replace("Answer with the letter", "Reply with the letter")
+    spec_file.write_text(text)
+    changed = ScriptedBackend("Final Answer: A")
+    results = run_benchmark(str(spec_file), changed, out_dir=tmp_path, data=data_root, n_resamples=200)
+    assert len(changed.requests) == 3 and results["metrics"]["accuracy"]["value"] == 0.0
+
+
+def test_sampled_outputs_are_not_reused(data_root, tmp_path):
+    spec_file = tmp_path / "medqa-sampled.yaml"
+    text = (
+        get_benchmark("medqa")[1]
+        .read_text()
+        .replace("generation: {max_new_tokens: 512}", "generation: {max_new_tokens: 512, temperature: 0.7}")
+    )
+    spec_file.write_text(text)
+    for _ in range(2):
+        backend = ScriptedBackend("Final Answer: B")
+        run_benchmark(str(spec_file), backend, out_dir=tmp_path / "run", data=data_root, n_resamples=200)
+        assert len(backend.requests) == 3
+
+
+def test_journal_survives_a_cut_last_line(tmp_path):
+    with Journal(tmp_path) as journal:
+        journal.add({"key": "a", "raw_output": "x"})
+    with open(tmp_path / "journal.jsonl", "a") as fh:
+        fh.write('{"key": "b", "raw_out')  # what kill -9 can leave
+    (tmp_path / "journal.sqlite").unlink()
+    with Journal(tmp_path) as journal:
+        assert journal.get("a")["raw_output"] == "x" and journal.get("b") is None
+        journal.add({"key": "c", "raw_output": "y"})
+    lines = (tmp_path / "journal.jsonl").read_text().splitlines()
+    assert [json.loads(line)["key"] for line in lines] == ["a", "c"]
+
+
+def test_crash_resume_after_kill_9_gives_the_same_results(data_root, tmp_path):
+    """Kill a run mid-way with SIGKILL, rerun the same command: nothing journaled is redone and the results
+    equal an uninterrupted run's."""
+    env = {**os.environ, "MEDLENS_DATA": str(data_root)}
+    args = [
+        sys.executable,
+        "-m",
+        "medlens.cli",
+        "eval",
+        "--benchmark",
+        "ct-rate",
+        "--model",
+        "test-tiny",
+        "--batch-size",
+        "1",
+        "--resamples",
+        "200",
+        "-q",
+    ]
+    crashed, clean = tmp_path / "crashed", tmp_path / "clean"
+    proc = subprocess.Popen(
+        [*args, "--out", str(crashed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    journal = crashed / "journal.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.exists() and len(journal.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_before = len(journal.read_text().splitlines())
+    assert 2 <= done_before < 6, "the run was killed part-way"
+    subprocess.run([*args, "--out", str(crashed)], env=env, check=True, timeout=300, capture_output=True)
+    subprocess.run([*args, "--out", str(clean)], env=env, check=True, timeout=300, capture_output=True)
+    resumed = json.loads((crashed / RESULTS).read_text())
+    reference = json.loads((clean / RESULTS).read_text())
+    assert resumed["n_reused"] == done_before
+    assert resumed["metrics"] == reference["metrics"]
+    assert (crashed / SAMPLES).read_text() == (clean / SAMPLES).read_text()
+    assert len((crashed / "journal.jsonl").read_text().splitlines()) == 6
+
+
+def test_eval_cli_prints_metrics_with_intervals(data_root, tmp_path, cli):
+    code, out, err = cli(
+        "eval", "--benchmark", "pubmedqa", "--data", data_root, "--out", tmp_path, "-q", "--resamples", "200"
+    )
+    assert code == 0, err
+    assert "pubmedqa accuracy:" in out and "95% CI" in out and "published MedGemma 1.5 4B: 68.2" in out
+    assert Path(tmp_path / RESULTS).exists()
