@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 from medlens.backends import GenerationRequest, load_backend
 from medlens.backends.models import BUILTIN_MODELS, TEST_MODEL_WARNING
 from medlens.backends.transformers_backend import TransformersBackend, clean_completion
-from medlens.errors import BackendUnavailableError, ModelNotAvailableError
+from medlens.errors import BackendUnavailableError, MedlensError, ModelNotAvailableError
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,8 @@ def _image_request(**options: object) -> GenerationRequest:
 
 def test_builtin_registry_is_light() -> None:
     code = (
-        "import sys, medlens.backends.models, medlens.backends.transformers_backend; "
+        "import sys, medlens.backends.models, medlens.backends.transformers_backend, medlens.backends.gguf_models, "
+        "medlens.backends.prefix_cache; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -108,8 +109,16 @@ def test_generate_with_images(backend: TransformersBackend) -> None:
     assert first.prompt_tokens == len(ids)
     assert 1 <= first.completion_tokens <= 16
     assert first.finish_reason in ("stop", "length")
-    assert set(first.timings) == {"preprocess", "generate"}
+    assert {"preprocess", "generate"} <= set(first.timings)
+    assert first.timings["prefix_reused"] == 1.0  # the two requests are the same: one prefill serves both
     assert (first.text, first.completion_tokens) == (second.text, second.completion_tokens)  # greedy
+    alone = backend.generate_one(request)
+    assert set(alone.timings) == {"preprocess", "generate"}
+    assert (alone.text, alone.completion_tokens, alone.prompt_tokens) == (
+        first.text,
+        first.completion_tokens,
+        first.prompt_tokens,
+    )
 
 
 def test_text_only_and_max_new_tokens(backend: TransformersBackend) -> None:
@@ -156,3 +165,39 @@ def test_missing_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(BackendUnavailableError, match=r"medlens\[models\]"):
         TransformersBackend("test-tiny")
+
+
+def test_text_only_directory(tmp_path: Path) -> None:
+    """A model without a vision tower loads with AutoTokenizer + AutoModelForCausalLM and refuses images."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from medlens.backends.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    backend = TransformersBackend(str(tmp_path))
+    assert backend.text_only and backend.processor is None and backend.model_warning is None
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is a pleural effusion?"}]}]
+    assert backend.render(messages).startswith("<bos><start_of_turn>user\nWhat is")  # no template: Gemma turns
+    (out,) = backend.generate([GenerationRequest(messages=messages, max_new_tokens=4)])
+    assert 1 <= out.completion_tokens <= 4
+    with pytest.raises(MedlensError, match="text-only"):
+        backend.generate([_image_request()])

@@ -49,6 +49,8 @@ class Backend(ABC):
     model_name: str = ""
     #: set for built-in untrained test models; every result made with them says so
     is_test_model: bool = False
+    #: what every result made with this model should say (a test model's noise, a small base model's limits)
+    model_warning: str | None = None
     #: default for ``max_new_tokens`` when a request leaves it unset
     default_max_new_tokens: int = 512
 

@@ -1,4 +1,4 @@
-"""Built-in model names (``test-tiny``) -> builders that return a local model directory.
+"""Built-in model names (``test-tiny``, ``gemma-3-270m``) -> builders that return a local model directory.
 
 Importing this module is cheap: builders import torch/transformers only when called.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 from medlens.registry import Registry
 
 TEST_MODEL_WARNING = "test-tiny is an untrained test model with random weights: its answers are noise"
+GEMMA_270M_WARNING = "gemma-3-270m is a small base (not instruction-tuned, not medical) model: expect low scores"
 
 #: what to suggest when a model is not available offline
 DOWNLOAD_HINT = (
@@ -33,7 +34,10 @@ class BuiltinModel:
     description: str
     is_test_model: bool = False
     default_max_new_tokens: int = 512
+    #: what every result made with it should say
     warning: str | None = None
+    #: reads text only (no vision tower): requests with images are refused
+    text_only: bool = False
 
     def __call__(self) -> Path:
         return self.build()
@@ -50,6 +54,12 @@ def _build_test_tiny() -> Path:
     return ensure_tiny_model()
 
 
+def _build_gemma_270m() -> Path:
+    from medlens.backends.gguf_models import ensure_gemma_270m
+
+    return ensure_gemma_270m()
+
+
 BUILTIN_MODELS: Registry[BuiltinModel] = Registry("built-in model")
 BUILTIN_MODELS.add(
     "test-tiny",
@@ -60,5 +70,17 @@ BUILTIN_MODELS.add(
         is_test_model=True,
         default_max_new_tokens=16,
         warning=TEST_MODEL_WARNING,
+    ),
+)
+BUILTIN_MODELS.add(
+    "gemma-3-270m",
+    BuiltinModel(
+        name="gemma-3-270m",
+        build=_build_gemma_270m,
+        description="Gemma 3 270M base, real weights (Q4_K_M GGUF from an installed package), text only, for "
+        "end-to-end runs on a CPU",
+        default_max_new_tokens=128,
+        warning=GEMMA_270M_WARNING,
+        text_only=True,
     ),
 )

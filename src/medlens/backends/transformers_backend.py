@@ -1,4 +1,9 @@
-"""The Hugging Face transformers engine: ``AutoProcessor`` + ``AutoModelForImageTextToText``, offline.
+"""The Hugging Face transformers engine, offline.
+
+Multimodal models (MedGemma 4B, ``test-tiny``) load with ``AutoProcessor`` + ``AutoModelForImageTextToText``;
+text-only ones (MedGemma 27B text, GGUF files, the built-in ``gemma-3-270m``) with ``AutoTokenizer`` +
+``AutoModelForCausalLM``. Requests of one ``generate`` call that share their prefix (several questions about
+one volume) share one image encoding and one prefill: see :meth:`TransformersBackend.generate`.
 
 torch and transformers are imported inside functions so that a missing install gives a clear error.
 """
@@ -6,25 +11,29 @@ torch and transformers are imported inside functions so that a missing install g
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import gc
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medlens.backends.base import Backend, GenerationOutput, GenerationRequest, Messages
-from medlens.backends.models import BUILTIN_MODELS, DOWNLOAD_HINT, MARKER_FILE
+from medlens.backends.base import Backend, GenerationOutput, GenerationRequest, Messages, ProgressCallback
+from medlens.backends.models import BUILTIN_MODELS, DOWNLOAD_HINT, MARKER_FILE, TEST_MODEL_WARNING
+from medlens.backends.prefix_cache import common_prefix_length, group_by_prefix, images_processed_once
 from medlens.errors import BackendUnavailableError, MedlensError, ModelNotAvailableError
 
 #: tokens removed from a completion; ``<unused94>``/``<unused95>`` (thinking markers) are kept
 DROPPED_TOKENS = ("<eos>", "<end_of_turn>", "<pad>", "<bos>")
 _DROPPED_RE = re.compile("|".join(re.escape(t) for t in DROPPED_TOKENS))
 _END_TOKENS = ("<eos>", "<end_of_turn>")
+#: a shared prefix shorter than this is not worth a separate prefill
+MIN_SHARED_PREFIX_TOKENS = 16
 
 _DTYPES = {
     "bfloat16": "bfloat16",
@@ -69,20 +78,30 @@ def progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def resolve_model(model: str) -> tuple[str, dict[str, Any]]:
-    """Map a built-in name, a local directory or a cached HF id to what ``from_pretrained`` takes.
+    """Map a built-in name, a local directory, a ``.gguf`` file or a cached HF id to what the loaders take.
 
-    Returns ``(path_or_id, info)``; ``info`` may hold ``is_test_model`` and ``default_max_new_tokens``.
+    Returns ``(path_or_id, info)``; ``info`` (the directory's marker file, a built-in's settings) may hold
+    ``is_test_model``, ``default_max_new_tokens``, ``warning``, ``text_only``, and for GGUF models
+    ``format: "gguf"``, ``gguf_file`` and ``tokenizer`` (paths relative to the directory).
     Raises :class:`ModelNotAvailableError` when the model is nowhere on this machine (nothing is downloaded).
     """
     if model in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS.get(model)
         directory = builtin()
-        return str(directory), _read_marker(directory)
+        defaults = {
+            "is_test_model": builtin.is_test_model,
+            "default_max_new_tokens": builtin.default_max_new_tokens,
+            "warning": builtin.warning,
+        }
+        return str(directory), {**defaults, **_read_marker(directory)}
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path), {"format": "gguf", "text_only": True}
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        marker = _read_marker(path)
+        if not (path / "config.json").is_file() and marker.get("format") != "gguf":
             raise ModelNotAvailableError(f"{path} is not a model directory (no config.json); {DOWNLOAD_HINT}")
-        return str(path), _read_marker(path)
+        return str(path), marker
     if _in_hf_cache(model):
         return model, {}
     raise ModelNotAvailableError(_not_available_message(model))
@@ -145,6 +164,39 @@ def _to_pil(image: Any) -> Any:
     return pil if pil.mode == "RGB" else pil.convert("RGB")
 
 
+def gemma_chat_prompt(messages: Messages, bos: str = "<bos>") -> str:
+    """The Gemma turn format, for tokenizers without a chat template. As Gemma 3's own template: a system
+    message opens the first user turn, text parts are trimmed and joined, the prompt ends with the model turn."""
+    turns, system = list(messages), ""
+    if turns and turns[0].get("role") == "system":
+        system = _message_text(turns.pop(0)) + "\n\n"
+    prompt = [bos]
+    for n, message in enumerate(turns):
+        role = "model" if message.get("role") == "assistant" else str(message.get("role"))
+        prompt.append(f"<start_of_turn>{role}\n{system if n == 0 else ''}{_message_text(message)}<end_of_turn>\n")
+    prompt.append("<start_of_turn>model\n")
+    return "".join(prompt)
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content", "")
+    if isinstance(content, str):
+        return content.strip()
+    return "".join(p["text"].strip() for p in content if isinstance(p, dict) and p.get("type") == "text")
+
+
+@contextlib.contextmanager
+def _offline_errors(model: str) -> Iterator[None]:
+    """Turn a loader's ``OSError`` (missing files; nothing is downloaded) into :class:`ModelNotAvailableError`."""
+    try:
+        yield
+    except OSError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotAvailableError(
+            f"model {model!r} could not be loaded offline ({reason}); {DOWNLOAD_HINT}"
+        ) from exc
+
+
 def _images(messages: Messages) -> list[Any]:
     found = []
     for message in messages:
@@ -158,38 +210,82 @@ def _images(messages: Messages) -> list[Any]:
 
 
 class TransformersBackend(Backend):
-    """MedGemma (or the built-in ``test-tiny``) on transformers, one request at a time."""
+    """A model on transformers: MedGemma, a text-only model (GGUF files included) or a built-in.
+
+    Generation always uses transformers' dynamic (sliding-window aware) cache, whatever the model's
+    ``generation_config`` asks for, so that a shared prefix's cache can be copied into every request.
+    """
 
     engine = "transformers"
 
-    def __init__(self, model: str, device: str | None = None, dtype: str | None = None, progress: bool = False) -> None:
+    def __init__(
+        self,
+        model: str,
+        device: str | None = None,
+        dtype: str | None = None,
+        progress: bool = False,
+        share_prefix: bool = True,
+    ) -> None:
         torch, transformers = _import_torch_transformers()
         self._torch = torch
         self.model_name = model
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = _torch_dtype(torch, dtype, self.device)
+        #: encode and prefill a prefix shared by several requests of one ``generate`` call once
+        self.share_prefix = share_prefix
         with progress_bars(progress):
             self.model_path, info = resolve_model(model)
-            self.processor, self.model = self._load(transformers)
+            #: no vision tower: requests with images are refused
+            self.text_only = self._is_text_only(transformers, info)
+            if self.text_only:
+                self.processor: Any = None
+                self.tokenizer, self.model = self._load_text(transformers, info)
+            else:
+                self.processor, self.model = self._load(transformers)
+                self.tokenizer = self.processor.tokenizer
         self.is_test_model = bool(info.get("is_test_model", False))
         self.default_max_new_tokens = int(info.get("default_max_new_tokens", 512))
-        tokenizer = self.processor.tokenizer
-        self._stop_ids = sorted(self._end_token_ids(tokenizer))
-        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._stop_ids[0]
+        self.model_warning = info.get("warning") or (TEST_MODEL_WARNING if self.is_test_model else None)
+        self._stop_ids = sorted(self._end_token_ids(self.tokenizer))
+        pad_id = self.tokenizer.pad_token_id
+        self._pad_id = pad_id if pad_id is not None else self._stop_ids[0]
+
+    def _is_text_only(self, transformers: Any, info: dict[str, Any]) -> bool:
+        if "text_only" in info:
+            return bool(info["text_only"])
+        if info.get("format") == "gguf":
+            return True
+        with _offline_errors(self.model_name):
+            config = transformers.AutoConfig.from_pretrained(self.model_path, local_files_only=True)
+        return getattr(config, "vision_config", None) is None
 
     def _load(self, transformers: Any) -> tuple[Any, Any]:
         options: dict[str, Any] = {"local_files_only": True}
-        try:
+        with _offline_errors(self.model_name):
             processor = transformers.AutoProcessor.from_pretrained(self.model_path, **options)
             model = transformers.AutoModelForImageTextToText.from_pretrained(
                 self.model_path, dtype=self.dtype, device_map=self.device, **options
             )
-        except OSError as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelNotAvailableError(
-                f"model {self.model_name!r} could not be loaded offline ({reason}); {DOWNLOAD_HINT}"
-            ) from exc
         return processor, model.eval()
+
+    def _load_text(self, transformers: Any, info: dict[str, Any]) -> tuple[Any, Any]:
+        """``AutoTokenizer`` + ``AutoModelForCausalLM``; GGUF files through :mod:`medlens.backends.gguf_models`."""
+        with _offline_errors(self.model_name):
+            if info.get("format") == "gguf":
+                from medlens.backends.gguf_models import load_gguf_causal_lm, load_gguf_tokenizer
+
+                path = Path(self.model_path)
+                if path.is_dir() and not info.get("gguf_file"):
+                    raise ModelNotAvailableError(f"{path}: the {MARKER_FILE} of a GGUF model names no gguf_file")
+                gguf_path = path / info["gguf_file"] if path.is_dir() else path
+                tokenizer_dir = path / info["tokenizer"] if path.is_dir() and info.get("tokenizer") else None
+                tokenizer = load_gguf_tokenizer(gguf_path, tokenizer_dir)
+                return tokenizer, load_gguf_causal_lm(gguf_path, self.dtype, self.device)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                self.model_path, dtype=self.dtype, device_map=self.device, local_files_only=True
+            )
+        return tokenizer, model.eval()
 
     def _end_token_ids(self, tokenizer: Any) -> set[int]:
         ids = set()
@@ -200,32 +296,141 @@ class TransformersBackend(Backend):
         ids.update(vocab[t] for t in _END_TOKENS if t in vocab)
         return ids
 
+    def render(self, messages: Messages) -> str:
+        """The prompt text: the processor's chat template; for text-only models the tokenizer's, else
+        :func:`gemma_chat_prompt`."""
+        if self.processor is not None:
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return gemma_chat_prompt(messages, self.tokenizer.bos_token or "")
+
     def prepare(self, messages: Messages) -> Any:
-        """Render the chat template and run the processor: the model inputs for one request, on device."""
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        """Render the prompt and run the processor (or tokenizer): the model inputs for one request, on device."""
+        self._refuse_images(messages)
         images = [_to_pil(image) for image in _images(messages)]
-        bos = self.processor.tokenizer.bos_token
-        inputs = self.processor(
-            text=text,
-            images=images or None,
-            return_tensors="pt",
-            add_special_tokens=not (bos and text.startswith(bos)),  # the template already wrote <bos>
+        return self._on_device(self._encode(self.render(messages), images))
+
+    def _refuse_images(self, messages: Messages) -> None:
+        if self.text_only and (n := len(_images(messages))):
+            raise MedlensError(
+                f"{self.model_name} is a text-only model and cannot read images ({n} in this request); "
+                "use a multimodal model such as MedGemma 4B (or test-tiny to try the plumbing)"
+            )
+
+    def _encode(self, text: str, images: list[Any]) -> Any:
+        bos = self.tokenizer.bos_token
+        add_special_tokens = not (bos and text.startswith(bos))  # the template already wrote <bos>
+        if self.processor is None:
+            return self.tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens)
+        return self.processor(
+            text=text, images=images or None, return_tensors="pt", add_special_tokens=add_special_tokens
         )
-        if self.dtype == "auto":
+
+    def _on_device(self, inputs: Any) -> Any:
+        if self.processor is None or self.dtype == "auto":
             return inputs.to(self.model.device)
         return inputs.to(self.model.device, dtype=self.dtype)
 
+    def generate(
+        self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
+    ) -> list[GenerationOutput]:
+        """Complete every request; outputs in input order.
+
+        Requests that share everything but the trailing question text (same texts, same images by content)
+        are grouped: their images are processed and encoded once and their common prefix is prefilled once;
+        each question then continues from a copy of that KV cache. Greedy (and seeded) answers are those of
+        one request at a time. Their ``timings`` say ``prefix_reused: 1.0`` and ``prefix_tokens``, and spread
+        the shared ``preprocess`` and ``prefill`` seconds evenly over the group.
+        """
+        for request in requests:
+            self._refuse_images(request.messages)
+        batch = [request.messages for request in requests]
+        groups = group_by_prefix(batch) if self.share_prefix else [[i] for i in range(len(requests))]
+        outputs: dict[int, GenerationOutput] = {}
+        for group in groups:
+            members = [requests[i] for i in group]
+            results = self._generate_shared(members) if len(members) > 1 else iter([self.generate_one(members[0])])
+            for index, output in zip(group, results, strict=True):
+                outputs[index] = output
+                if progress is not None:
+                    progress(1)
+        return [outputs[i] for i in range(len(requests))]
+
     def generate_one(self, request: GenerationRequest) -> GenerationOutput:
-        torch = self._torch
         start = time.perf_counter()
         inputs = self.prepare(request.messages)
         prepared = time.perf_counter()
+        output = self._complete(request, inputs)
+        output.timings = {"preprocess": prepared - start, "generate": time.perf_counter() - prepared}
+        return output
+
+    def _generate_shared(self, requests: list[GenerationRequest]) -> Iterator[GenerationOutput]:
+        """One group of requests with a shared prefix (see :meth:`generate`), yielded one by one."""
+        start = time.perf_counter()
+        images = [_to_pil(image) for image in _images(requests[0].messages)]
+        once = images_processed_once(self.processor) if self.processor is not None else contextlib.nullcontext()
+        with once:  # every request's exact token ids, the images resized and normalised once
+            encoded = [self._encode(self.render(request.messages), images) for request in requests]
+        ids = [inputs["input_ids"][0].tolist() for inputs in encoded]
+        shared = min(common_prefix_length(ids), min(len(i) for i in ids) - 1)  # each request keeps a token
+        image_token = getattr(self.model.config, "image_token_id", None)
+        if shared < MIN_SHARED_PREFIX_TOKENS or (image_token is not None and image_token in ids[0][shared:]):
+            for request, inputs in zip(requests, encoded, strict=True):
+                began = time.perf_counter()
+                output = self._complete(request, self._on_device(inputs))
+                output.timings = {
+                    "preprocess": (began - start) / len(requests),
+                    "generate": time.perf_counter() - began,
+                }
+                yield output
+            return
+        prepared = time.perf_counter()
+        cache = self._prefill(self._on_device(encoded[0]), shared)
+        prefilled = time.perf_counter()
+        for n, (request, inputs) in enumerate(zip(requests, encoded, strict=True)):
+            began = time.perf_counter()
+            # The images are in the cache. Token types only let image tokens see each other both ways; the
+            # continuation is text only, so its mask is the plain causal one (and much cheaper to build).
+            inputs.pop("pixel_values", None)
+            inputs.pop("token_type_ids", None)
+            with self._torch.inference_mode():
+                own = cache if n == len(requests) - 1 else copy.deepcopy(cache)
+            output = self._complete(request, self._on_device(inputs), cache=own)
+            output.timings = {
+                "preprocess": (prepared - start) / len(requests),
+                "prefill": (prefilled - prepared) / len(requests),
+                "generate": time.perf_counter() - began,
+                "prefix_reused": 1.0,
+                "prefix_tokens": float(shared),
+            }
+            yield output
+
+    def _prefill(self, inputs: Any, length: int) -> Any:
+        """Run the first ``length`` tokens (and every image) through the model; returns their KV cache, of
+        the class ``generate`` itself makes (sliding-window layers keep only their window)."""
+        from transformers import DynamicCache
+
+        prefix = {key: value[:, :length] for key, value in inputs.items() if key != "pixel_values"}
+        if "pixel_values" in inputs:
+            prefix["pixel_values"] = inputs["pixel_values"]
+        cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+        with self._torch.inference_mode():
+            self.model(**prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache
+
+    def _complete(self, request: GenerationRequest, inputs: Any, cache: Any = None) -> GenerationOutput:
+        """``model.generate`` on prepared inputs, continuing from ``cache`` (which holds a prefix) when given."""
+        torch = self._torch
         max_new_tokens = request.max_new_tokens or self.default_max_new_tokens
         options: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,
             "eos_token_id": self._stop_ids,
             "pad_token_id": self._pad_id,
+            "cache_implementation": None,  # the dynamic cache, also where a generation_config asks for "hybrid"
         }
+        if cache is not None:
+            options["past_key_values"] = cache
         if request.temperature > 0:
             options.update(do_sample=True, temperature=request.temperature)
         else:
@@ -236,19 +441,18 @@ class TransformersBackend(Backend):
             sequences = self.model.generate(**inputs, **options)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         new_tokens = sequences[0, prompt_tokens:].tolist()
-        text = self.processor.tokenizer.decode(new_tokens, skip_special_tokens=False)
+        text = self.tokenizer.decode(new_tokens, skip_special_tokens=False)
         ended = bool(new_tokens) and new_tokens[-1] in self._stop_ids
         return GenerationOutput(
             text=clean_completion(text),
             prompt_tokens=prompt_tokens,
             completion_tokens=len(new_tokens),
             finish_reason="length" if not ended and len(new_tokens) >= max_new_tokens else "stop",
-            timings={"preprocess": prepared - start, "generate": time.perf_counter() - prepared},
         )
 
     def close(self) -> None:
         """Drop the model and free accelerator memory."""
-        for name in ("model", "processor"):
+        for name in ("model", "processor", "tokenizer"):
             if hasattr(self, name):
                 delattr(self, name)
         gc.collect()

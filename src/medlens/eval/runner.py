@@ -226,6 +226,7 @@ def _results(
         "engine": backend.engine,
         "model_revision": revision,
         "untrained_test_model": backend.is_test_model,
+        "model_warning": backend.model_warning,
         "n_items": len(samples),
         "n_reused": reused,
         "n_unparsed": sum(1 for p in predictions if p is None),

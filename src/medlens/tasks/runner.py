@@ -59,6 +59,7 @@ def generate(
         prompt_tokens=sum(o.prompt_tokens for o in outputs),
         completion_tokens=sum(o.completion_tokens for o in outputs),
         finish_reason="length" if any(o.finish_reason == "length" for o in outputs) else "stop",
+        warnings=[backend.model_warning] if backend.model_warning else [],
     )
     return [o.text for o in outputs], envelope
 
@@ -96,6 +97,7 @@ def run_task(
         envelope.prompt_tokens += envelope2.prompt_tokens
         envelope.completion_tokens += envelope2.completion_tokens
         envelope.untrained_test_model |= envelope2.untrained_test_model
+        envelope.warnings += [w for w in envelope2.warnings if w not in envelope.warnings]
         if envelope2.finish_reason == "length":
             envelope.finish_reason = "length"
         build.details["stages"] = [
@@ -130,10 +132,7 @@ def finalize(
     envelope.raw_output = texts
     envelope.details = build.details
     envelope.timings = timer.seconds
-    if envelope.untrained_test_model:
-        from medlens.backends.models import TEST_MODEL_WARNING
-
-        warnings.insert(0, TEST_MODEL_WARNING)
+    warnings[:0] = envelope.warnings  # what the model itself warns about (untrained, base model ...) first
     if envelope.finish_reason == "length":
         warnings.append("the answer was cut at max_new_tokens")
     if parsed.error:
