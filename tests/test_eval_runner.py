@@ -160,3 +160,35 @@ def test_eval_cli_prints_metrics_with_intervals(data_root, tmp_path, cli):
     assert code == 0, err
     assert "pubmedqa accuracy:" in out and "95% CI" in out and "published MedGemma 1.5 4B: 68.2" in out
     assert Path(tmp_path / RESULTS).exists()
+
+
+def test_llm_judge_grades_free_text_answers(data_root, tmp_path):
+    model = ScriptedBackend("Final Answer: a meningeal tumour of the falx")
+    judge = ScriptedBackend("The candidate names the same entity. Final Answer: yes", name="judge")
+    results = run_benchmark("medpix-diagnosis", model, out_dir=tmp_path, data=data_root, judge=judge, n_resamples=200)
+    assert results["metrics"]["judge_match"]["value"] == 1.0 and results["metrics"]["judge_match"]["judge"] == "judge"
+    assert results["metrics"]["match"]["value"] == 1.0  # the synonym "meningeal tumour" matched too
+    (request,) = judge.requests
+    text = request.messages[0]["content"][0]["text"]
+    assert "Reference diagnosis: meningioma / meningeal tumour" in text and "falx" in text
+    again = ScriptedBackend("Final Answer: no", name="judge")
+    run_benchmark("medpix-diagnosis", model, out_dir=tmp_path, data=data_root, judge=again, n_resamples=200)
+    assert again.requests == []  # verdicts are journaled like outputs
+
+
+def test_judge_is_refused_where_answers_are_not_free_text(data_root, tmp_path, cli):
+    code, _, err = cli(
+        "eval", "--benchmark", "medqa", "--data", data_root, "--out", tmp_path, "--judge", "test-tiny", "-q"
+    )
+    assert code == 2 and "no free-text answers" in err
+
+
+def test_compare_cli_on_two_runs(data_root, tmp_path, cli):
+    run_benchmark("medqa", ScriptedBackend("Final Answer: B"), out_dir=tmp_path / "a", data=data_root, n_resamples=200)
+    run_benchmark("medqa", ScriptedBackend("Final Answer: C"), out_dir=tmp_path / "b", data=data_root, n_resamples=200)
+    code, out, err = cli("compare", tmp_path / "a", tmp_path / "b", "--json", "--resamples", "200")
+    assert code == 0, err
+    result = json.loads(out)
+    assert json.dumps(result).count("accuracy") >= 1
+    code, out, _ = cli("compare", tmp_path / "a", tmp_path / "b", "--resamples", "200")
+    assert code == 0 and "accuracy" in out and "McNemar" in out

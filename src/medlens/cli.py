@@ -169,6 +169,7 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per generate call.")] = 8,
     engine: Annotated[str, typer.Option(help="Backend engine.")] = "transformers",
     resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the intervals.")] = 1000,
+    judge: Annotated[str | None, typer.Option(help="A model that also grades free-text answers (MedPix).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run a benchmark (resumable: rerun the same command after a crash), or --list them."""
@@ -189,6 +190,7 @@ def eval_command(
         batch_size=batch_size,
         engine=engine,
         n_resamples=resamples,
+        judge=judge,
         reporter=_reporter(quiet),
     )
     published = results["published"]

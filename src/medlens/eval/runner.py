@@ -19,6 +19,7 @@ from typing import Any
 
 from medlens import DISCLAIMER, __version__
 from medlens.backends import Backend, GenerationRequest, load_backend
+from medlens.errors import MedlensError
 from medlens.eval.data import data_root, load_items
 from medlens.eval.journal import Journal
 from medlens.eval.kinds import Item, Kind, Query
@@ -42,10 +43,14 @@ def run_benchmark(
     engine: str = "transformers",
     recipe: str = "medgemma-1.5",
     n_resamples: int = 1000,
+    judge: str | Backend | None = None,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
-    """Run ``benchmark`` with ``model``; writes samples.jsonl, results.json and the journal to ``out_dir``."""
+    """Run ``benchmark`` with ``model``; writes samples.jsonl, results.json and the journal to ``out_dir``.
+    ``judge`` (any model) additionally grades free-text predictions for benchmarks that allow it."""
     spec, spec_path = get_benchmark(benchmark)
+    if judge is not None and not spec.options.get("judge"):
+        raise MedlensError(f"benchmark {spec.name} has no free-text answers for a judge (only e.g. medpix-diagnosis)")
     reporter = reporter or Reporter(False)
     out = Path(out_dir)
     items = load_items(spec, data_root(data), limit)
@@ -70,6 +75,8 @@ def run_benchmark(
         for item, query, key, record in zip(items, queries, keys, records, strict=True)
     ]
     results = _results(spec, samples, backend, revision, generation, n_resamples, reused, limit)
+    if judge is not None:
+        _add_judge(results, samples, judge, engine, out, n_resamples)
     results["timings"] = {"total": round(time.perf_counter() - start, 3)}
     _write_jsonl(out / SAMPLES, samples)
     _write_json(out / RESULTS, results)
@@ -238,6 +245,30 @@ def _results(
         "versions": _versions(),
         "disclaimer": DISCLAIMER,
     }
+
+
+def _add_judge(
+    results: dict[str, Any], samples: list[dict[str, Any]], judge: str | Backend, engine: str, out: Path, n: int
+) -> None:
+    """Grade every prediction with the judge model; adds the ``judge_match`` metric and per-item verdicts."""
+    from medlens.eval.judge import judge_verdicts
+    from medlens.eval.metrics import accuracy
+    from medlens.eval.stats import bootstrap_ci
+
+    judge_backend = judge if isinstance(judge, Backend) else load_backend(judge, engine)
+    with Journal(out) as journal:
+        verdicts = judge_verdicts(samples, judge_backend, model_revision(judge_backend), journal)
+    interval = bootstrap_ci(accuracy, verdicts, ["yes"] * len(verdicts), n_resamples=n)
+    results["metrics"]["judge_match"] = {
+        "value": _finite(interval.value),
+        "ci_low": _finite(interval.low),
+        "ci_high": _finite(interval.high),
+        "n": interval.n,
+        "confidence": 0.95,
+        "judge": judge_backend.model_name,
+    }
+    for sample, verdict in zip(samples, verdicts, strict=True):
+        sample["scores"]["judge_match"] = 1.0 if verdict == "yes" else 0.0
 
 
 def _finite(value: float) -> float | None:
