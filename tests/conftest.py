@@ -61,3 +61,14 @@ def cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_backend():
+    """The built-in test-tiny model, loaded once for the whole session."""
+    pytest.importorskip("torch")
+    from medlens.backends import load_backend
+
+    backend = load_backend("test-tiny")
+    yield backend
+    backend.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +18,10 @@ from medlens.backends.transformers_backend import TransformersBackend, clean_com
 from medlens.errors import BackendUnavailableError, MedlensError, ModelNotAvailableError
 
 
-@pytest.fixture(scope="session")
-def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransformersBackend]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDLENS_CACHE", str(tmp_path_factory.mktemp("medlens-cache")))
-        loaded = load_backend("test-tiny")
-    assert isinstance(loaded, TransformersBackend)
-    yield loaded
-    loaded.close()
+@pytest.fixture
+def backend(tiny_backend) -> TransformersBackend:
+    assert isinstance(tiny_backend, TransformersBackend)
+    return tiny_backend
 
 
 def _image(height: int, width: int, seed: int) -> np.ndarray:

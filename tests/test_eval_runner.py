@@ -27,11 +27,9 @@ def data_root(tmp_path_factory):
     return build_all(tmp_path_factory.mktemp("eval-data"))
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from medlens.backends import load_backend
-
-    return load_backend("test-tiny")
+@pytest.fixture
+def tiny(tiny_backend):
+    return tiny_backend
 
 
 @pytest.mark.parametrize("name", BUILTIN)

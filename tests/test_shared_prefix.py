@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,18 +95,13 @@ def test_image_digest_and_common_prefix() -> None:
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from medlens.backends import load_backend  # noqa: E402
 from medlens.backends.transformers_backend import TransformersBackend  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransformersBackend]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDLENS_CACHE", str(tmp_path_factory.mktemp("medlens-cache")))
-        loaded = load_backend("test-tiny")
-    assert isinstance(loaded, TransformersBackend)
-    yield loaded
-    loaded.close()
+@pytest.fixture
+def backend(tiny_backend) -> TransformersBackend:
+    assert isinstance(tiny_backend, TransformersBackend)
+    return tiny_backend
 
 
 def _volume(tmp: Path, seed: int) -> list[np.ndarray]:

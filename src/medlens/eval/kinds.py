@@ -214,15 +214,17 @@ class ReportFindings(Kind):
         return findings_in(_answer(text), self.spec.options["labels"])
 
 
-def findings_in(answer: str, labels: list[str]) -> list[str]:
-    """Labels named in the answer: the JSON list when there is one, else every label mentioned."""
+def findings_in(answer: str, labels: list[str]) -> list[str] | None:
+    """The labels in the answer's JSON list (case-insensitive); None when the answer has no JSON list.
+    Free text is not scanned for label words: "no pleural effusion" names the label it denies."""
     from medlens.tasks.base import ParseError
     from medlens.tasks.jsonout import find_json
 
     try:
         value = find_json(answer).value
-        named = [str(v).strip().lower() for v in (value if isinstance(value, list) else [])]
     except ParseError:
-        named = []
-    text = " ".join(named) if named else answer.lower()
-    return sorted(label for label in labels if re.search(rf"\b{re.escape(label.lower())}\b", text))
+        return None
+    if not isinstance(value, list):
+        return None
+    named = {str(v).strip().lower() for v in value}
+    return sorted(label for label in labels if label.lower() in named)
