@@ -190,3 +190,14 @@ def test_compare_cli_on_two_runs(data_root, tmp_path, cli):
     assert json.dumps(result).count("accuracy") >= 1
     code, out, _ = cli("compare", tmp_path / "a", tmp_path / "b", "--resamples", "200")
     assert code == 0 and "accuracy" in out and "McNemar" in out
+
+
+def test_iu_cxr_findings_runs_for_real_with_gemma_270m(tmp_path):
+    """The offline benchmark with the real Gemma 3 270M weights (two reports, to stay quick)."""
+    results = run_benchmark("iu-cxr-findings", "gemma-3-270m", out_dir=tmp_path, limit=2, n_resamples=200)
+    assert results["model"] == "gemma-3-270m" and not results["untrained_test_model"]
+    assert "base" in results["model_warning"]
+    samples = [json.loads(line) for line in (tmp_path / SAMPLES).read_text().splitlines()]
+    assert [s["id"] for s in samples] == ["iu-1", "iu-2"] and all(s["raw_output"] for s in samples)
+    assert samples[0]["target"] == ["normal"]
+    assert 0.0 <= results["metrics"]["macro_f1"]["value"] <= 1.0
