@@ -96,3 +96,9 @@ def test_bad_images(tmp_path):
         Image.fromarray(np.zeros((20, 20), np.uint8)).save(two / name)
     with pytest.raises(errors.UnsupportedInputError, match="2 image files"):
         open_input(two)
+
+
+def test_task_inputs_given_as_studies_point_to_the_task(tmp_path, cli):
+    (tmp_path / "labs.pdf").write_bytes(b"%PDF-1.4\n")
+    code, _, err = cli("prepare", tmp_path / "labs.pdf", "--out", tmp_path / "o")
+    assert code == 2 and "--task lab-extract" in err

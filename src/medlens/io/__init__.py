@@ -17,6 +17,12 @@ from medlens.registry import Registry
 Reader = Callable[[Found, str, str | None, str | None, Progress | None], ImageStack]
 
 READERS: Registry[Reader] = Registry("reader")
+#: files that are inputs of a task, not image studies: what to run instead
+TASK_HINTS = {
+    ".pdf": "for a lab report use `medlens ask FILE --task lab-extract`",
+    ".json": "for a FHIR bundle use `medlens ask FILE QUESTION --task ehr-qa`",
+    ".txt": "for clinical notes use `medlens ask FILE QUESTION --task ehr-qa`",
+}
 
 
 @READERS.register("dicom")
@@ -52,6 +58,9 @@ def open_input(
     sets what files without metadata (NIfTI, PNG) are taken to be. Slices are decoded on ``stack.load``.
     """
     source = str(path)
+    hint = TASK_HINTS.get(Path(path).suffix.lower()) if Path(path).is_file() else None
+    if hint:
+        raise UnsupportedInputError(f"not an image study; {hint}", source)
     found = discover(Path(path))
     kinds = [k for k in ("dicom", "nifti", "raster") if getattr(found, k)]
     if not kinds:
