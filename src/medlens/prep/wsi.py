@@ -1,0 +1,308 @@
+"""Whole-slide image preparation as pure array functions (DESIGN.md section 3, report section 2.3.2).
+
+Pipeline: a tissue mask on a thumbnail at about 5x (:func:`tissue_mask`), one magnification per slide among
+5x/10x/20x (:func:`choose_magnification`, :func:`level_for`), non-overlapping 896x896 patches on a grid
+restricted to tissue (:func:`patch_grid`), at most 126 of them kept at random with spatial order preserved
+(:func:`sample_patches`). Reading the slide itself lives elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+#: Patch side in pixels at the chosen magnification (the model's input size).
+WSI_PATCH_SIZE = 896
+#: At most this many patches per slide (126 x 256 tokens fits the context).
+WSI_MAX_PATCHES = 126
+#: Magnifications a slide may be read at.
+WSI_MAGNIFICATIONS: tuple[float, ...] = (5.0, 10.0, 20.0)
+#: Default magnification; the report does not fix one per slide here, so 20x is our configurable default.
+DEFAULT_WSI_MAGNIFICATION = 20.0
+#: Magnification of the thumbnail the tissue mask is computed on.
+MASK_MAGNIFICATION = 5.0
+#: Conventional conversion: magnification ~= 10 / microns-per-pixel (0.25 mpp ~ 40x, 0.5 mpp ~ 20x).
+_MPP_TIMES_MAGNIFICATION = 10.0
+
+
+@dataclass(frozen=True)
+class PatchBox:
+    """One grid patch: top-left corner and side in level-0 pixels, grid indices, tissue fraction in [0, 1]."""
+
+    x0: int
+    y0: int
+    size0: int
+    row: int
+    col: int
+    tissue: float
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tissue mask
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of ``values`` in [0, 1]: the cut maximizing the between-class variance of a histogram.
+
+    Returns 0.0 when the values are constant (no cut separates anything)."""
+    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    p = hist.astype(np.float64)
+    total = p.sum()
+    if total == 0:
+        return 0.0
+    p /= total
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(p)  # weight of the class at or below each bin
+    mu = np.cumsum(p * centers)  # unnormalized mean of that class
+    mu_t = mu[-1]
+    w1 = 1.0 - w0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu_t * w0 - mu) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = 0.0
+    if not between.any():
+        return 0.0
+    return float(edges[int(np.argmax(between)) + 1])  # upper edge: values above it are the "high" class
+
+
+def _disk(radius: int) -> np.ndarray:
+    """A disk-shaped structuring element of the given radius (radius 0 -> a single pixel)."""
+    r = max(int(radius), 0)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return (xx * xx + yy * yy) <= r * r
+
+
+def _rgb_to_sv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and value, both in [0, 1], of an RGB uint8 image (hue is not needed)."""
+    x = rgb.astype(np.float32) / 255.0
+    v = x.max(axis=-1)
+    mn = x.min(axis=-1)
+    s = np.zeros_like(v)
+    np.divide(v - mn, v, out=s, where=v > 0)
+    return s, v
+
+
+def tissue_mask(
+    thumbnail: np.ndarray,
+    *,
+    min_saturation: float = 0.07,
+    max_saturation_threshold: float = 0.2,
+    white_value: float = 0.94,
+    dark_value: float = 0.2,
+    open_radius: int = 1,
+    close_radius: int = 3,
+    dark_margin: int = 2,
+    min_area_fraction: float = 0.0005,
+) -> np.ndarray:
+    """Boolean tissue mask of an RGB uint8 thumbnail (about 5x), by multi-stage HSV segmentation.
+
+    Stages:
+
+    1. **Saturation** (HSV, 0..1). Stained tissue is coloured, glass is grey/white. The cut is Otsu's
+       threshold on the saturation histogram, clipped to ``[min_saturation, max_saturation_threshold]``:
+       the floor keeps faint noise on blank glass out (an all-white slide gives an empty mask), the ceiling
+       stops Otsu from splitting tissue in two when a thumbnail is nearly all tissue.
+    2. **Value**. Near-white pixels (``V > white_value``) are background; near-black pixels
+       (``V < dark_value``: pen ink, folds, dust, scanner edges) are artefacts. Dark pixels are noisy and
+       can look highly saturated, so this stage is needed on top of stage 1.
+    3. **Morphology** (scipy.ndimage, edge-padded so borders are not eroded): opening with a disk of
+       ``open_radius`` removes speckle, closing with ``close_radius`` bridges small gaps, holes are filled.
+       Artefact pixels (dilated by ``dark_margin`` to catch their anti-aliased rims) are then removed again
+       so that fills cannot bring a pen mark back, and connected components smaller than
+       ``min_area_fraction`` of the thumbnail are dropped.
+    """
+    img = np.asarray(thumbnail)
+    if img.ndim != 3 or img.shape[-1] < 3:
+        raise ValueError(f"expected an RGB image of shape (H, W, 3), got {img.shape}")
+    img = img[..., :3]
+    if img.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {img.dtype}")
+    if img.shape[0] == 0 or img.shape[1] == 0:
+        return np.zeros(img.shape[:2], dtype=bool)
+
+    s, v = _rgb_to_sv(img)
+
+    # Stage 1: saturation by Otsu, clipped.
+    thr = float(np.clip(_otsu_threshold(s), min_saturation, max_saturation_threshold))
+    coloured = s > thr
+
+    # Stage 2: value -- background and dark artefacts.
+    dark = v < dark_value
+    mask = coloured & (v <= white_value) & ~dark
+
+    # Stage 3: morphology, on an edge-padded copy so the image border behaves like its neighbourhood.
+    pad = max(open_radius, close_radius, 0) + 1
+    m = np.pad(mask, pad, mode="edge")
+    if open_radius > 0:
+        m = ndimage.binary_opening(m, structure=_disk(open_radius))
+    if close_radius > 0:
+        m = ndimage.binary_closing(m, structure=_disk(close_radius))
+    m = m[pad:-pad, pad:-pad]
+    m = ndimage.binary_fill_holes(m)
+    if dark.any():
+        m &= ~(ndimage.binary_dilation(dark, structure=_disk(dark_margin)) if dark_margin > 0 else dark)
+    labels, n = ndimage.label(m)
+    if n:
+        sizes = np.bincount(labels.ravel())
+        keep = sizes >= max(min_area_fraction * m.size, 1.0)
+        keep[0] = False
+        m = keep[labels]
+    return m.astype(bool)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Patch grid and sampling
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _overlap_matrix(n_cells: int, cell: float, n_pixels: int, pixel: float) -> np.ndarray:
+    """``W[i, j]``: length (in level-0 units) of grid cell ``i`` ∩ mask pixel ``j`` along one axis."""
+    c0 = np.arange(n_cells, dtype=np.float64)[:, None] * cell
+    p0 = np.arange(n_pixels, dtype=np.float64)[None, :] * pixel
+    lo = np.maximum(c0, p0)
+    hi = np.minimum(c0 + cell, p0 + pixel)
+    return np.clip(hi - lo, 0.0, None)
+
+
+def patch_grid(
+    mask: np.ndarray,
+    mask_scale: float,
+    patch_size_level: int,
+    level_downsample: float,
+    min_tissue: float = 0.5,
+    *,
+    slide_dimensions: tuple[int, int] | None = None,
+) -> list[PatchBox]:
+    """Non-overlapping ``patch_size_level``-square patches at a pyramid level, on a grid from the slide origin.
+
+    ``mask_scale`` is level-0 pixels per mask pixel; a patch spans ``round(patch_size_level * level_downsample)``
+    level-0 pixels. Only whole patches inside the slide (``slide_dimensions`` = level-0 (width, height), by
+    default the mask's extent) are laid. A patch's tissue fraction is the exact area-weighted share of mask
+    pixels it covers (partial pixels counted by overlap). Patches with ``tissue >= min_tissue`` are returned in
+    row-major order.
+    """
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2:
+        raise ValueError(f"expected a 2-D mask, got shape {m.shape}")
+    if mask_scale <= 0 or patch_size_level <= 0 or level_downsample <= 0:
+        raise ValueError("mask_scale, patch_size_level and level_downsample must be positive")
+    size0 = round(patch_size_level * level_downsample)
+    if size0 < 1:
+        raise ValueError("patch is smaller than one level-0 pixel")
+    if slide_dimensions is None:
+        width0, height0 = m.shape[1] * mask_scale, m.shape[0] * mask_scale
+    else:
+        width0, height0 = slide_dimensions
+    n_cols, n_rows = int(width0 // size0), int(height0 // size0)
+    if n_rows == 0 or n_cols == 0 or m.size == 0:
+        return []
+    wy = _overlap_matrix(n_rows, size0, m.shape[0], mask_scale)
+    wx = _overlap_matrix(n_cols, size0, m.shape[1], mask_scale)
+    covered = wy @ m.astype(np.float64) @ wx.T  # level-0 area of tissue in each patch
+    fraction = np.clip(covered / float(size0 * size0), 0.0, 1.0)
+    eps = 1e-9  # float noise from the products must not flip an exact threshold
+    out: list[PatchBox] = []
+    for r, c in zip(*np.nonzero(fraction >= min_tissue - eps), strict=True):
+        out.append(PatchBox(int(c) * size0, int(r) * size0, size0, int(r), int(c), float(fraction[r, c])))
+    return out  # np.nonzero is row-major already
+
+
+def sample_patches(patches: Sequence[PatchBox], max_patches: int = WSI_MAX_PATCHES, seed: int = 0) -> list[PatchBox]:
+    """All patches when there are at most ``max_patches``; else a random subset of that size, drawn without
+    replacement by ``numpy.random.default_rng(seed)``, in the input (spatial) order."""
+    if max_patches < 0:
+        raise ValueError("max_patches must be non-negative")
+    items = list(patches)
+    if len(items) <= max_patches:
+        return items
+    chosen = np.sort(np.random.default_rng(seed).choice(len(items), size=max_patches, replace=False))
+    return [items[int(i)] for i in chosen]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Magnification and pyramid level
+# --------------------------------------------------------------------------------------------------------------
+
+
+def base_magnification(objective_power: float | None = None, mpp: float | None = None) -> float | None:
+    """The slide's level-0 magnification: ``objective_power`` if given, else ``10 / mpp``, else ``None``."""
+    if objective_power is not None and objective_power > 0:
+        return float(objective_power)
+    if mpp is not None and mpp > 0:
+        return _MPP_TIMES_MAGNIFICATION / float(mpp)
+    return None
+
+
+def choose_magnification(
+    objective_power: float | None = None,
+    mpp: float | None = None,
+    wanted: float | None = None,
+    *,
+    choices: Sequence[float] = WSI_MAGNIFICATIONS,
+    tolerance: float = 0.1,
+) -> float:
+    """One magnification for the slide among ``choices`` (5x/10x/20x).
+
+    ``wanted`` (default :data:`DEFAULT_WSI_MAGNIFICATION`, 20x) must be one of ``choices``. If the slide's
+    base magnification (from ``objective_power``, else ``mpp``) is known and lower than ``wanted`` (beyond a
+    ``tolerance`` fraction, so 0.505 mpp still counts as 20x), the highest choice the slide reaches is taken
+    instead, and the lowest choice if it reaches none (it will then be upsampled). Unknown base: ``wanted``.
+    """
+    options = sorted(float(c) for c in choices)
+    if not options:
+        raise ValueError("no magnification choices")
+    target = DEFAULT_WSI_MAGNIFICATION if wanted is None else float(wanted)
+    if not any(np.isclose(target, o) for o in options):
+        raise ValueError(f"magnification {target:g}x is not one of {', '.join(f'{o:g}x' for o in options)}")
+    base = base_magnification(objective_power, mpp)
+    if base is None or target <= base * (1 + tolerance):
+        return target
+    reachable = [o for o in options if o <= base * (1 + tolerance)]
+    return reachable[-1] if reachable else options[0]
+
+
+def level_for(
+    magnification: float,
+    base_magnification: float,
+    level_downsamples: Sequence[float],
+    *,
+    tolerance: float = 0.01,
+) -> tuple[int, float]:
+    """The pyramid level to read for ``magnification`` and the resize factor left to apply after reading.
+
+    The needed downsample is ``base_magnification / magnification``; the chosen level is the coarsest one whose
+    downsample is at most that (within ``tolerance``), i.e. at or above the resolution needed. ``extra_scale``
+    = ``level_downsample / needed`` (<= 1: shrink by it; 1: none; > 1 only when even level 0 is too coarse).
+    Read ``round(896 / extra_scale)`` level pixels per patch side.
+    """
+    if magnification <= 0 or base_magnification <= 0:
+        raise ValueError("magnifications must be positive")
+    ds = [float(d) for d in level_downsamples]
+    if not ds:
+        raise ValueError("no pyramid levels")
+    needed = base_magnification / magnification
+    fitting = [i for i, d in enumerate(ds) if d <= needed * (1 + tolerance)]
+    level = max(fitting, key=lambda i: ds[i]) if fitting else min(range(len(ds)), key=lambda i: ds[i])
+    extra = ds[level] / needed
+    if abs(extra - 1.0) <= tolerance:
+        extra = 1.0
+    return level, extra
+
+
+__all__ = [
+    "DEFAULT_WSI_MAGNIFICATION",
+    "MASK_MAGNIFICATION",
+    "WSI_MAGNIFICATIONS",
+    "WSI_MAX_PATCHES",
+    "WSI_PATCH_SIZE",
+    "PatchBox",
+    "base_magnification",
+    "choose_magnification",
+    "level_for",
+    "patch_grid",
+    "sample_patches",
+    "tissue_mask",
+]
