@@ -186,8 +186,9 @@ def test_compare_cli_on_two_runs(data_root, tmp_path, cli):
     run_benchmark("medqa", ScriptedBackend("Final Answer: C"), out_dir=tmp_path / "b", data=data_root, n_resamples=200)
     code, out, err = cli("compare", tmp_path / "a", tmp_path / "b", "--json", "--resamples", "200")
     assert code == 0, err
-    result = json.loads(out)
-    assert json.dumps(result).count("accuracy") >= 1
+    (row,) = json.loads(out)["metrics"]
+    assert (row["name"], row["value_a"], row["value_b"], row["diff"]) == ("accuracy", 1.0, 0.0, 1.0)
+    assert row["mcnemar"]["b"] == 3 and row["mcnemar"]["c"] == 0
     code, out, _ = cli("compare", tmp_path / "a", tmp_path / "b", "--resamples", "200")
     assert code == 0 and "accuracy" in out and "McNemar" in out
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from medlens.chat import Messages
 
@@ -21,12 +20,6 @@ class GenerationRequest:
     max_new_tokens: int | None = None
     temperature: float = 0.0
     seed: int = 0
-
-    @property
-    def n_images(self) -> int:
-        return sum(
-            1 for m in self.messages for part in _parts(m) if isinstance(part, dict) and part.get("type") == "image"
-        )
 
 
 @dataclass
@@ -77,8 +70,3 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _parts(message: dict[str, Any]) -> list[Any]:
-    content = message.get("content", [])
-    return content if isinstance(content, list) else [content]

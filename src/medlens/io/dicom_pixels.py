@@ -50,7 +50,7 @@ def decode(entries: Sequence[FrameEntry], color: bool) -> np.ndarray:
 
 def _raw_frames(inst: DicomInstance, frames: list[int]) -> list[np.ndarray]:
     """Stored pixel values of the given frames (YBR already converted to RGB by pydicom)."""
-    native = read_native_frame(inst) if inst.n_frames == 1 else None
+    native = read_native_frame(inst)
     if native is not None:
         return [native]
     try:

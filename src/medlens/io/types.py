@@ -75,7 +75,3 @@ class ImageStack:
     def load(self, indices: Sequence[int]) -> np.ndarray:
         """Decode the slices at ``indices`` (in the given order)."""
         return self.loader(list(indices))
-
-    @property
-    def is_volume(self) -> bool:
-        return len(self.slices) > 1

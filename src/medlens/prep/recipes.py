@@ -92,9 +92,7 @@ def prepare(stack: ImageStack, recipe: str = "medgemma-1.5") -> Prepared:
     """Apply ``recipe`` to ``stack``: sample slices, decode only those, map intensities to RGB uint8."""
     spec = RECIPES.get(recipe)
     family = family_of(stack)
-    indices = sample_indices(len(stack), spec.max_slices) if family in ("ct", "mr") else list(range(len(stack)))
-    if family not in ("ct", "mr") and len(indices) > spec.max_slices:
-        indices = sample_indices(len(stack), spec.max_slices)
+    indices = sample_indices(len(stack), spec.max_slices)  # every slice when there are at most max_slices
     rgb = spec.families[family](stack, indices)
     warnings = list(stack.notes)
     if len(indices) < len(stack):

@@ -67,3 +67,13 @@ def _repair(body: str) -> Any:
         if isinstance(value, list | dict) and value:
             return value
     return None
+
+
+def cut_unfinished(text: str) -> str | None:
+    """The answer up to its last closed object when another object was opened after it (a reply cut off at
+    max_new_tokens mid-element), else None. Returns "" when not even the first object was closed."""
+    answer = split_thinking(text).answer or text
+    end = answer.rfind("}")
+    if "{" not in answer[end + 1 :]:
+        return None
+    return answer[: end + 1] if end >= 0 else ""

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from medlens.prompts import image_messages, split_thinking
 from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions, TaskRequest
-from medlens.tasks.jsonout import find_json
+from medlens.tasks.jsonout import cut_unfinished, find_json
 
 FIELDS = ("name", "result", "unit", "range", "panel", "method", "specimen", "sample_collection_time")
 TIME_FORMAT = "%d-%m-%Y %H:%M:%S"
@@ -161,7 +161,9 @@ def parse_tests(text: str, page: int = 1) -> tuple[list[LabTest], list[str]]:
         raise ParseError("the output ended inside the thinking trace (no answer; raise max_new_tokens)")
     found = find_json(text)
     warnings = list(found.warnings)
-    if found.repaired and (complete := _cut_to_last_object(text)) is not None:
+    if found.repaired and (complete := cut_unfinished(text)) is not None:
+        if not complete:
+            raise ParseError("the output was cut off before its first test was complete")
         found = find_json(complete)  # JSON cut off mid-row (max_new_tokens): keep only the complete rows
         warnings.append("the output was cut off; the unfinished last entry was dropped")
     rows: list[dict[str, Any]] = []
@@ -186,17 +188,6 @@ def parse_tests(text: str, page: int = 1) -> tuple[list[LabTest], list[str]]:
     if removed:
         warnings.append(f"removed {removed} repeated row(s)")
     return unique, warnings
-
-
-def _cut_to_last_object(text: str) -> str | None:
-    """The answer up to its last closed object, when an object was opened after it (else None)."""
-    answer = split_thinking(text).answer or text
-    end = answer.rfind("}")
-    if "{" not in answer[end + 1 :]:
-        return None
-    if end < 0:
-        raise ParseError("the output was cut off before its first test was complete")
-    return answer[: end + 1]
 
 
 def _collect(value: Any, inherited: dict[str, Any], rows: list[dict[str, Any]], ignored: set[str], depth: int) -> int:

@@ -20,9 +20,9 @@ from pydantic import BaseModel, Field
 from medlens.api import prepare_study
 from medlens.errors import MedlensError
 from medlens.prep.square import SCALE, Padding, pad_to_square, padding_for, to_pixels
-from medlens.prompts import image_messages, split_thinking
+from medlens.prompts import image_messages
 from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions, TaskRequest
-from medlens.tasks.jsonout import find_json
+from medlens.tasks.jsonout import FoundJSON, cut_unfinished, find_json
 from medlens.tasks.study import study_details
 
 DEFAULT_QUESTION = "Locate these structures on the chest X-ray: right lung, left lung, heart."
@@ -101,10 +101,10 @@ class LocalizeTask(Task):
     def parse(self, text: str, context: dict[str, Any]) -> Parsed:
         found = find_json(text)
         warnings = list(found.warnings)
-        items, depth = _box_items(found.value)
-        if found.repaired and items and _open_depth(text) >= depth:
-            items = items[:-1]
+        if found.repaired and (complete := cut_unfinished(text)) is not None:
+            found = find_json(complete) if complete else FoundJSON([])
             warnings.append("the output was cut off: its incomplete last box was dropped")
+        items = _box_items(found.value)
         padding = _padding(context)
         boxes = []
         for number, item in enumerate(items, start=1):
@@ -227,45 +227,19 @@ def _norm_key(key: Any) -> str:
     return re.sub(r"[\s_\-]", "", str(key)).casefold()
 
 
-def _box_items(value: Any) -> tuple[list[Any], int]:
-    """The box candidates in the JSON and how deep a box's object sits (for spotting a cut-off last box)."""
+def _box_items(value: Any) -> list[Any]:
+    """The box candidates in the JSON: a list, one box object, a list inside a dict, or label -> box."""
     if isinstance(value, list):
-        return value, 2
+        return value
     if isinstance(value, dict):
         if any(_norm_key(k) in _BOX_KEYS for k in value):
-            return [value], 1
+            return [value]
         for inner in value.values():  # {"boxes": [...]}
             if isinstance(inner, list) and any(isinstance(i, dict) for i in inner):
-                return inner, 3
+                return inner
         if value and all(_coords(v) is not None for v in value.values()):  # {"heart": [y0, x0, y1, x1]}
-            return [{"label": k, "box_2d": v} for k, v in value.items()], 2
+            return [{"label": k, "box_2d": v} for k, v in value.items()]
     raise ParseError("the model's JSON holds no boxes (expected a list of box_2d/label objects)")
-
-
-def _open_depth(text: str) -> int:
-    """How many brackets of the answer's first JSON value are still open where the text ends."""
-    answer = split_thinking(text).answer or text
-    if "```" in answer:
-        answer = answer.split("```", 1)[1]
-    stack: list[str] = []
-    in_string = escaped = False
-    for char in answer:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"' and stack:
-            in_string = True
-        elif char in "[{":
-            stack.append(char)
-        elif char in "]}" and stack:
-            stack.pop()
-            if not stack:
-                return 0
-    return len(stack)
 
 
 def _pick(item: Mapping[str, Any], names: tuple[str, ...]) -> tuple[bool, Any]:
