@@ -12,8 +12,10 @@ import numpy as np
 
 from medlens import DISCLAIMER, __version__
 from medlens.backends import Backend
-from medlens.io import open_input
+from medlens.errors import UnsupportedInputError
+from medlens.io import discover_input, open_input
 from medlens.prep import DEFAULT_RECIPE, RECIPES, Prepared, prepare
+from medlens.prep.slide_recipe import SlideOptions
 from medlens.progress import Reporter, Timer
 
 
@@ -24,19 +26,32 @@ def prepare_study(
     modality: str | None = None,
     reporter: Reporter | None = None,
     timer: Timer | None = None,
+    slide: SlideOptions | None = None,
 ) -> Prepared:
-    """Read ``path`` and turn it into the images the model sees (see ``medlens.prep``)."""
-    RECIPES.get(recipe)  # an unknown recipe fails before any file is read
+    """Read ``path`` and turn it into the images the model sees (see ``medlens.prep``). Whole-slide images
+    (OpenSlide formats, DICOM WSI) go through the recipe's slide part with ``slide`` options."""
+    from medlens.io.slide import find_slide
+
+    spec = RECIPES.get(recipe)  # an unknown recipe fails before any file is read
     reporter = reporter or Reporter(False)
     timer = timer or Timer()
+    with timer("read"):
+        found = discover_input(path)
+        slide_spec = find_slide(path, found)
+    if slide_spec is not None:
+        if spec.slide is None:
+            raise UnsupportedInputError(f"recipe {recipe} has no whole-slide part", str(path))
+        with timer("prepare"), reporter.stage(f"Reading slide patches ({recipe})") as update:
+            return spec.slide(slide_spec, recipe, slide, update)
     with timer("read"), reporter.stage("Reading headers") as update:
-        stack = open_input(path, series=series, modality=modality, progress=update)
+        stack = open_input(path, series=series, modality=modality, progress=update, found=found)
     with timer("prepare"), reporter.stage(f"Preparing ({recipe})"):
         return prepare(stack, recipe)
 
 
 def write_prepared(prepared: Prepared, out_dir: str | Path) -> Path:
-    """Write ``0001.png, 0002.png, ...`` (RGB, prompt order, before any resize) and ``manifest.json``."""
+    """Write ``0001.png, 0002.png, ...`` (RGB, prompt order, before any resize) and ``manifest.json``; and
+    ``overview.png`` when the recipe drew one (whole slides: thumbnail, tissue mask, chosen patches)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
@@ -51,6 +66,9 @@ def write_prepared(prepared: Prepared, out_dir: str | Path) -> Path:
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # zlib releases the GIL
         list(pool.map(save, names, prepared.images))
     manifest = {**prepared.manifest(names), "medlens_version": __version__, "disclaimer": DISCLAIMER}
+    if prepared.overview is not None:
+        save("overview.png", prepared.overview)
+        manifest["overview"] = "overview.png"
     path = out / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path

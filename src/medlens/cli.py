@@ -21,19 +21,45 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-InputArg = Annotated[Path, typer.Argument(help="DICOM file, folder (searched recursively) or .zip; NIfTI; PNG/JPEG.")]
+InputArg = Annotated[
+    Path,
+    typer.Argument(
+        help="DICOM file, folder (searched recursively) or .zip; NIfTI; PNG/JPEG; a whole slide (SVS, TIFF, NDPI, "
+        "MRXS ... or a DICOM WSI folder)."
+    ),
+]
 RecipeOpt = Annotated[str, typer.Option(help="Preparation recipe.")]
 SeriesOpt = Annotated[
     str | None, typer.Option(help="SeriesInstanceUID (or its short hash) when the study has several series.")
 ]
 ModalityOpt = Annotated[str | None, typer.Option(help="CT, MR, CR ... for inputs without DICOM metadata.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+# Whole-slide images (SVS, TIFF, NDPI, MRXS ... and DICOM WSI).
+MagnificationOpt = Annotated[
+    float | None, typer.Option(help="Slides: 5, 10 or 20 (default 20x, or the most the slide has).")
+]
+MaxPatchesOpt = Annotated[int, typer.Option(min=1, help="Slides: at most this many patches (seeded sample).")]
+MinTissueOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Slides: least tissue fraction of a patch.")]
+SeedOpt = Annotated[int, typer.Option(help="Slides: seed of the patch sample.")]
+TissueOpt = Annotated[str | None, typer.Option(help="Slides: tissue type for the prompt (breast, colon ...).")]
+ProcedureOpt = Annotated[str | None, typer.Option(help="Slides: procedure for the prompt (core biopsy ...).")]
+MppOpt = Annotated[float | None, typer.Option(help="Slides: level-0 microns per pixel, when the file lacks it.")]
+WorkersOpt = Annotated[
+    int | None, typer.Option(min=0, help="Slides: reader processes (default one per CPU; 0 = no isolation).")
+]
+SlideBackendOpt = Annotated[str | None, typer.Option(help="Slides: openslide, tiffslide or wsidicom.")]
 
 
 def _reporter(quiet: bool):
     from medlens.progress import Reporter
 
     return Reporter(enabled=not quiet)
+
+
+def _slide_options(**values):
+    from medlens.prep.slide_recipe import SlideOptions
+
+    return SlideOptions(**values)
 
 
 def _note(lines: list[str], quiet: bool) -> None:
@@ -49,12 +75,29 @@ def prepare(
     recipe: RecipeOpt = DEFAULT_RECIPE,
     series: SeriesOpt = None,
     modality: ModalityOpt = None,
+    magnification: MagnificationOpt = None,
+    max_patches: MaxPatchesOpt = 126,
+    min_tissue: MinTissueOpt = 0.5,
+    seed: SeedOpt = 0,
+    mpp: MppOpt = None,
+    workers: WorkersOpt = None,
+    slide_backend: SlideBackendOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Write exactly the images the model would see (before the processor's resize) and a manifest."""
+    """Write exactly the images the model would see (before the processor's resize) and a manifest; for a
+    whole slide the patches, their level-0 coordinates and an overview.png of tissue and patches."""
     from medlens.api import prepare_study, write_prepared
 
-    prepared = prepare_study(input, recipe, series, modality, _reporter(quiet))
+    slide = _slide_options(
+        magnification=magnification,
+        max_patches=max_patches,
+        min_tissue=min_tissue,
+        seed=seed,
+        mpp=mpp,
+        workers=workers,
+        backend=slide_backend,
+    )
+    prepared = prepare_study(input, recipe, series, modality, _reporter(quiet), slide=slide)
     manifest = write_prepared(prepared, out)
     _note(prepared.warnings, quiet)
     _note([f"wrote {len(prepared.images)} image(s) ({prepared.modality}, {prepared.family}) and {manifest}"], quiet)
@@ -93,6 +136,15 @@ def ask(
     token_budget: Annotated[int, typer.Option(min=200, help="ehr-qa: token budget of the summary.")] = 6000,
     reasoner: Annotated[str | None, typer.Option(help="differential: text model of stage 2.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="json, or a task's own format (csv for lab-extract).")] = "json",
+    magnification: MagnificationOpt = None,
+    max_patches: MaxPatchesOpt = 126,
+    min_tissue: MinTissueOpt = 0.5,
+    seed: SeedOpt = 0,
+    tissue: TissueOpt = None,
+    procedure: ProcedureOpt = None,
+    mpp: MppOpt = None,
+    workers: WorkersOpt = None,
+    slide_backend: SlideBackendOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run a task on your files with MedGemma; prints the result envelope as JSON (or --format)."""
@@ -118,6 +170,17 @@ def ask(
         dpi=dpi,
         token_budget=token_budget,
         reasoner=reasoner,
+        slide=_slide_options(
+            magnification=magnification,
+            max_patches=max_patches,
+            min_tissue=min_tissue,
+            seed=seed,
+            tissue=tissue,
+            procedure=procedure,
+            mpp=mpp,
+            workers=workers,
+            backend=slide_backend,
+        ),
     )
     _emit(chosen, result, fmt, quiet)
 
@@ -274,11 +337,25 @@ def _emit(task, result: dict, fmt: str, quiet: bool) -> None:
 
 @app.command()
 def inspect(input: InputArg, quiet: QuietOpt = False) -> None:
-    """List the series of a DICOM input (UIDs shown as short hashes, usable with --series)."""
+    """List the series of a DICOM input (UIDs shown as short hashes, usable with --series), or the pyramid of
+    a whole slide (levels, mpp, magnifications; never its label or macro image)."""
     from medlens.io.dicom import list_series
     from medlens.io.discover import discover
+    from medlens.io.slide import find_slide
 
     found = discover(input)
+    spec = find_slide(input, None if input.is_file() and input.suffix.lower() != ".zip" else found)
+    if spec is not None:
+        with spec.open() as slide:
+            info = slide.summary()
+        typer.echo(
+            f"slide ({info['backend']}): {info['width']}x{info['height']} px, mpp {info['mpp']}, "
+            f"objective {info['objective_power']}"
+        )
+        for i, level in enumerate(info["levels"]):
+            mag = f"{level['magnification']:.3g}x" if level["magnification"] else "magnification unknown"
+            typer.echo(f"  level {i}: {level['width']}x{level['height']}, downsample {level['downsample']:g}, {mag}")
+        return
     for cand in list_series(found.dicom, found.skipped):
         status = "ok" if not cand.problems else f"not usable: {cand.problems[0]}"
         typer.echo(f"{cand.summary()}  [{status}]")
@@ -300,6 +377,11 @@ def demo(
 
     page = run_demo(out, _reporter(quiet))
     _note([f"demo written: {page}"], quiet)
+
+
+from medlens.cli_siglip import register as register_siglip  # noqa: E402
+
+register_siglip(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,17 +51,19 @@ def open_input(
     series: str | None = None,
     modality: str | None = None,
     progress: Progress | None = None,
+    found: Found | None = None,
 ) -> ImageStack:
     """Read ``path`` (file, folder or zip) and return the stack the model should see.
 
     ``series`` (a SeriesInstanceUID or its short hash) picks a DICOM series; ``modality`` (CT, MR, CR ...)
     sets what files without metadata (NIfTI, PNG) are taken to be. Slices are decoded on ``stack.load``.
+    ``found``: the input's files when already discovered (see :func:`discover_input`).
     """
     source = str(path)
     hint = TASK_HINTS.get(Path(path).suffix.lower()) if Path(path).is_file() else None
     if hint:
         raise UnsupportedInputError(f"not an image study; {hint}", source)
-    found = discover(Path(path))
+    found = found if found is not None else discover(Path(path))
     kinds = [k for k in ("dicom", "nifti", "raster") if getattr(found, k)]
     if not kinds:
         if found.skipped:
@@ -83,10 +85,18 @@ def open_input(
     return stack
 
 
+def discover_input(path: str | Path) -> Found | None:
+    """The files of a folder or zip (unpacked once), ``None`` for a single file (read directly)."""
+    p = Path(path)
+    if p.is_file() and not p.name.lower().endswith(".zip"):
+        return None
+    return discover(p)
+
+
 def _single(files: list, what: str, source: str):
     if len(files) > 1:
         raise UnsupportedInputError(f"{len(files)} {what} files found; give one file at a time", source)
     return files[0]
 
 
-__all__ = ["READERS", "ImageStack", "SliceRef", "TableVOI", "WindowVOI", "open_input"]
+__all__ = ["READERS", "ImageStack", "SliceRef", "TableVOI", "WindowVOI", "discover_input", "open_input"]

@@ -24,6 +24,8 @@ from medlens.prep.windows import (
 from medlens.registry import Registry
 
 FamilyFn = Callable[[ImageStack, list[int]], np.ndarray]
+#: (slide spec, recipe name, SlideOptions | None, progress) -> Prepared, for whole-slide images
+SlideFn = Callable[..., "Prepared"]
 
 #: DICOM modality -> image family; anything else grey is a 2-D picture ("radiograph")
 MODALITY_FAMILY = {"CT": "ct", "MR": "mr", "PT": "mr", "NM": "mr"}
@@ -40,6 +42,7 @@ class Recipe:
     name: str
     description: str
     families: Mapping[str, FamilyFn]
+    slide: SlideFn | None = None
     max_slices: int = MEDGEMMA_MAX_SLICES
     min_volume_slices: int = 5
 
@@ -58,6 +61,12 @@ class Prepared:
     n_source_slices: int
     warnings: list[str] = field(default_factory=list)
     acquired: str | None = None  # when the study was made (YYYYMMDDHHMMSS), from the DICOM header
+    #: per-image manifest entries when the images are not slices (whole-slide patches), prompt order
+    image_meta: list[dict[str, Any]] | None = None
+    #: recipe facts for the manifest and the prompt (whole slides: magnification, level, tissue ...)
+    meta: dict[str, Any] = field(default_factory=dict)
+    #: a picture of what was chosen (whole slides: thumbnail, tissue mask, patch outlines), RGB uint8
+    overview: np.ndarray | None = None
 
     @property
     def is_volume(self) -> bool:
@@ -65,6 +74,16 @@ class Prepared:
 
     def manifest(self, files: list[str]) -> dict[str, Any]:
         """The ``manifest.json`` of ``medlens prepare`` (image files given in prompt order)."""
+        if self.image_meta is not None:
+            return {
+                "recipe": self.recipe,
+                "modality": self.modality,
+                "family": self.family,
+                "source": self.source,
+                **self.meta,
+                "images": [{"file": f, **m} for f, m in zip(files, self.image_meta, strict=True)],
+                "warnings": self.warnings,
+            }
         return {
             "recipe": self.recipe,
             "modality": self.modality,
@@ -160,14 +179,22 @@ def _color(stack: ImageStack, indices: list[int]) -> np.ndarray:
     return stack.load(indices)
 
 
+def _slide(spec, recipe, options=None, progress=None) -> Prepared:
+    from medlens.prep.slide_recipe import prepare_slide
+
+    return prepare_slide(spec, recipe, options, progress)
+
+
 RECIPES.add(
     "medgemma-1.5",
     Recipe(
         name="medgemma-1.5",
         description=(
             "MedGemma 1.5: CT as three HU windows in R/G/B (-1024..1024, -135..215, 0..80); MR per-volume "
-            "min-max; at most 85 equidistant slices; radiographs through their VOI LUT/window or min-max"
+            "min-max; at most 85 equidistant slices; radiographs through their VOI LUT/window or min-max; "
+            "whole slides as at most 126 896x896 tissue patches at 5x/10x/20x (HSV tissue mask at ~5x)"
         ),
         families={"ct": _ct, "mr": _volume_minmax, "radiograph": _radiograph, "color": _color},
+        slide=_slide,
     ),
 )

@@ -7,6 +7,7 @@ from medlens.prep.recipes import Prepared
 from medlens.prompts.layouts import (
     THINKING_INSTRUCTION,
     image_messages,
+    slide_instruction,
     text_messages,
     volume_messages,
 )
@@ -21,7 +22,13 @@ from medlens.prompts.parsers import (
 
 
 def messages_for(prepared: Prepared, question: str, instruction: str | None = None, thinking: bool = False) -> Messages:
-    """The official layout for what was prepared: the volume layout for CT/MR stacks, else image first."""
+    """The official layout for what was prepared: the volume layout for CT/MR stacks; for whole slides the
+    patches, then the instruction naming tissue and procedure, then the question; else image first."""
+    if prepared.family == "wsi" and instruction is None:
+        meta = prepared.meta
+        instruction = slide_instruction(
+            len(prepared.images), meta["magnification"], meta.get("tissue"), meta.get("procedure")
+        )
     if prepared.is_volume:
         return volume_messages(prepared.images, question, prepared.family, instruction, thinking)
     return image_messages(prepared.images, question, instruction, thinking)
@@ -36,6 +43,7 @@ __all__ = [
     "option_letters",
     "parse_choice",
     "parse_yes_no",
+    "slide_instruction",
     "split_thinking",
     "text_messages",
     "volume_messages",

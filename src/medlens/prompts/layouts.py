@@ -28,6 +28,15 @@ VOLUME_INSTRUCTIONS = {
 }
 
 
+def slide_instruction(n: int, magnification: float, tissue: str | None = None, procedure: str | None = None) -> str:
+    """What MedGemma is told about whole-slide patches: how many, at what magnification, tissue and procedure."""
+    specimen = " ".join(part for part in (tissue, procedure) if part) or "tissue"
+    return (
+        f"You are looking at {n} non-overlapping patches at {magnification:g}x magnification from a whole-slide "
+        f"histopathology image of a {specimen} specimen, in reading order."
+    )
+
+
 def volume_messages(
     images: Sequence[np.ndarray],
     question: str,

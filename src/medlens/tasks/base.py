@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from medlens.chat import Messages
+from medlens.prep.slide_recipe import SlideOptions
 
 
 @dataclass
@@ -29,6 +30,7 @@ class TaskOptions:
     dpi: int = 150  # lab-extract: PDF pages are rendered at this resolution
     token_budget: int = 6000  # ehr-qa: the patient summary must fit this many tokens
     reasoner: str | None = None  # differential: the text model of stage 2 (default: the same model)
+    slide: SlideOptions = field(default_factory=SlideOptions)  # whole-slide images: magnification, tissue ...
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -37,7 +37,9 @@ class CompareTask(Task):
     )
 
     def build(self, inputs: list[Path], question: str, options: TaskOptions) -> TaskBuild:
-        studies = [prepare_study(p, options.recipe, options.series, options.modality) for p in inputs]
+        studies = [
+            prepare_study(p, options.recipe, options.series, options.modality, slide=options.slide) for p in inputs
+        ]
         for path, study in zip(inputs, studies, strict=True):
             if len(study.images) != 1:
                 raise MedlensError(f"compare needs one image per input; {path} gave {len(study.images)}")

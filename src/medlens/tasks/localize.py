@@ -79,7 +79,7 @@ class LocalizeTask(Task):
         self._image: np.ndarray | None = None  # the original prepared image, for the overlay
 
     def build(self, inputs: list[Path], question: str, options: TaskOptions) -> TaskBuild:
-        prepared = prepare_study(inputs[0], options.recipe, options.series, options.modality)
+        prepared = prepare_study(inputs[0], options.recipe, options.series, options.modality, slide=options.slide)
         if len(prepared.images) != 1:
             raise MedlensError(
                 f"localize takes one 2-D image, but this input gives {len(prepared.images)} images "

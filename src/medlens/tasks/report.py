@@ -11,7 +11,7 @@ from medlens.prompts import split_thinking
 from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions
 from medlens.tasks.study import study_build
 
-_KINDS = {"ct": "CT volume", "mr": "MRI volume", "radiograph": "radiograph", "color": "image"}
+_KINDS = {"ct": "CT volume", "mr": "MRI volume", "radiograph": "radiograph", "color": "image", "wsi": "whole slide"}
 _HEADER = re.compile(
     r"^[ \t#>*_]*(findings|impression|conclusion|technique|comparison|indication|history)[ \t*_]*[:：]?[ \t*_]*",
     re.IGNORECASE | re.MULTILINE,
@@ -21,13 +21,14 @@ _ALIASES = {"conclusion": "impression"}
 
 class ReportTask(Task):
     name = "report"
-    description = "A radiology report (findings and impression) for a chest X-ray or a CT/MRI volume"
+    description = "A report (findings and impression): radiology for X-rays and CT/MRI, pathology for whole slides"
     default_question = ""
 
     def build(self, inputs: list[Path], question: str, options: TaskOptions) -> TaskBuild:
         def prompt(prepared: Prepared) -> str:
             text = (
-                f"Write a radiology report for this {_KINDS.get(prepared.family, 'image')}, with a FINDINGS section "
+                f"Write a {'pathology' if prepared.family == 'wsi' else 'radiology'} report for this "
+                f"{_KINDS.get(prepared.family, 'image')}, with a FINDINGS section "
                 "describing what is seen and an IMPRESSION section with the main conclusions."
             )
             return f"{text}\n{question}" if question else text

@@ -21,7 +21,7 @@ def study_build(
 ) -> TaskBuild:
     """Prepare ``path`` and build one request in MedGemma's layout (images first, the prompt last); ``prompt``
     may be a function of the prepared study (to name its modality, say)."""
-    prepared = prepare_study(path, options.recipe, options.series, options.modality)
+    prepared = prepare_study(path, options.recipe, options.series, options.modality, slide=options.slide)
     text = prompt(prepared) if callable(prompt) else prompt
     messages = messages_for(prepared, text, instruction=options.instruction, thinking=options.thinking)
     return TaskBuild(
@@ -35,9 +35,19 @@ def study_build(
 
 def study_details(prepared: Prepared) -> dict[str, Any]:
     """Envelope details of a prepared study: modality, series tag (never the UID), slice counts."""
-    return {
+    details = {
         "modality": prepared.modality,
         "family": prepared.family,
         "series": short_hash(prepared.series_uid) if prepared.series_uid else None,
         "n_source_slices": prepared.n_source_slices,
     }
+    if prepared.family == "wsi":
+        meta = prepared.meta
+        details |= {
+            "magnification": meta["magnification"],
+            "level": meta["level"],
+            "n_tissue_patches": meta["n_tissue_patches"],
+            "failed_patches": len(meta["failed_patches"]),
+            "patches": prepared.image_meta,
+        }
+    return details

@@ -1,0 +1,373 @@
+"""MedSigLIP commands: ``medlens embed``, ``zeroshot``, ``probe`` and ``search add|query|info``.
+
+Import-light on purpose (``medlens.cli`` imports this module): numpy, torch, transformers and scikit-learn
+are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from medlens import DISCLAIMER
+from medlens.errors import InputError, MedlensError
+from medlens.prep import DEFAULT_RECIPE
+
+if TYPE_CHECKING:
+    from medlens.progress import Reporter
+    from medlens.siglip.encoder import SiglipEncoder
+    from medlens.siglip.index import SiglipIndex
+    from medlens.siglip.inputs import EmbeddedStudy, InputRef
+
+DEFAULT_MODEL = "test-tiny-siglip"
+#: studies embedded per committed shard in ``search add`` (an interruption loses at most these)
+ADD_CHUNK = 64
+
+INPUTS_HELP = "Studies: DICOM file/folder/.zip, NIfTI, PNG/JPEG; or a CSV with columns path,label."
+InputsArg = Annotated[list[Path], typer.Argument(help=INPUTS_HELP)]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="test-tiny-siglip, or a local MedSigLIP folder (google/medsiglip-448).")
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Images per forward pass.")]
+RecipeOpt = Annotated[str, typer.Option(help="Preparation recipe (CT windows, slice sampling ...).")]
+ModalityOpt = Annotated[str | None, typer.Option(help="CT, MR, CR ... for inputs without DICOM metadata.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (warnings are in the JSON output).")]
+
+
+def _reporter(quiet: bool) -> Reporter:
+    from medlens.progress import Reporter
+
+    return Reporter(enabled=not quiet)
+
+
+def _dump(value: Any, indent: int | None = 2) -> None:
+    typer.echo(json.dumps(value, indent=indent, ensure_ascii=False))
+
+
+def _encoder(model: str, device: str, dtype: str) -> SiglipEncoder:
+    from medlens.siglip.encoder import SiglipEncoder
+
+    return SiglipEncoder(model, device=device, dtype=dtype)
+
+
+def _warnings(encoder: SiglipEncoder, *more: list[str]) -> list[str]:
+    found = [encoder.warning] if encoder.warning else []
+    for extra in more:
+        found.extend(w for w in extra if w not in found)
+    return found
+
+
+def _studies(
+    encoder: SiglipEncoder,
+    refs: list[InputRef],
+    batch_size: int,
+    recipe: str,
+    modality: str | None,
+    quiet: bool,
+) -> list[EmbeddedStudy]:
+    from medlens.siglip.inputs import embed_studies
+
+    return list(embed_studies(encoder, refs, batch_size, recipe, None, modality, _reporter(quiet)))
+
+
+def embed(
+    inputs: Annotated[list[Path] | None, typer.Argument(help=INPUTS_HELP)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .npz file to write.")] = Path("embeddings.npz"),
+    text: Annotated[list[str] | None, typer.Option("--text", "-t", help="Also embed this text (repeatable).")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    batch_size: BatchOpt = 8,
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    modality: ModalityOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write MedSigLIP embeddings (one per image, L2-normalised) of studies and texts to an .npz file."""
+    import numpy as np
+
+    from medlens.siglip.embedding_file import EmbeddingFile
+    from medlens.siglip.inputs import expand_inputs
+
+    texts = list(text or [])
+    refs = expand_inputs(inputs or [])
+    if not refs and not texts:
+        raise MedlensError("nothing to embed: give studies and/or --text")
+    encoder = _encoder(model, device, dtype)
+    studies = _studies(encoder, refs, batch_size, recipe, modality, quiet)
+    dim = encoder.dim
+    result = EmbeddingFile(
+        embeddings=np.concatenate([np.zeros((0, dim), np.float32)] + [s.embeddings for s in studies]),
+        sources=[s.ref.source for s in studies for _ in range(s.n_images)],
+        images=[i for s in studies for i in range(1, s.n_images + 1)],
+        labels=[s.ref.label or "" for s in studies for _ in range(s.n_images)],
+        model=encoder.name,
+        fingerprint=encoder.fingerprint,
+        texts=texts,
+        text_embeddings=encoder.embed_texts(texts),
+    )
+    path = result.save(out)
+    _dump(
+        {
+            "out": str(path),
+            **encoder.info(),
+            "n_studies": len(studies),
+            "n_images": len(result.sources),
+            "n_texts": len(texts),
+            "warnings": _warnings(encoder, *[s.warnings for s in studies]),
+            "disclaimer": DISCLAIMER,
+        }
+    )
+
+
+def zeroshot(
+    inputs: InputsArg,
+    label: Annotated[list[str], typer.Option("--label", "-l", help="A class label (repeat for each class).")],
+    template: Annotated[
+        str, typer.Option(help="Text prompt of a label, e.g. 'a chest X-ray showing {label}'.")
+    ] = "{label}",
+    per_image: Annotated[bool, typer.Option("--per-image", help="Also score every image of a study.")] = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    batch_size: BatchOpt = 8,
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    modality: ModalityOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Zero-shot classification of each study among the labels; prints one JSON object per study (JSON Lines)."""
+    from medlens.siglip.inputs import embed_studies, expand_inputs
+    from medlens.siglip.zeroshot import clean_labels, label_prompts, zero_shot_scores
+
+    labels = clean_labels(label)
+    prompts = label_prompts(labels, template)
+    refs = expand_inputs(inputs)
+    encoder = _encoder(model, device, dtype)
+    text_embeddings = encoder.embed_texts(prompts)
+    for study in embed_studies(encoder, refs, batch_size, recipe, None, modality, _reporter(quiet)):
+        scores = zero_shot_scores(encoder.logits(study.pooled(), text_embeddings)[0], labels)
+        result: dict[str, Any] = {
+            "input": study.ref.source,
+            "n_images": study.n_images,
+            **scores.as_dict(),
+            "prompts": dict(zip(labels, prompts, strict=True)),
+        }
+        if study.ref.label is not None:
+            result["true_label"] = study.ref.label
+        if per_image:
+            logits = encoder.logits(study.embeddings, text_embeddings)
+            result["images"] = [
+                {"image": i, **zero_shot_scores(row, labels).as_dict()} for i, row in enumerate(logits, start=1)
+            ]
+        result.update(
+            model=encoder.name,
+            warnings=_warnings(encoder, study.warnings, scores.warnings),
+            disclaimer=DISCLAIMER,
+        )
+        _dump(result, indent=None)
+
+
+def probe(
+    data: Annotated[
+        Path, typer.Argument(help="CSV with columns path,label (paths relative to it), or an .npz of `medlens embed`.")
+    ],
+    folds: Annotated[int, typer.Option(min=2, help="Cross-validation folds (fewer when a class is small).")] = 5,
+    c: Annotated[float, typer.Option("--c", min=1e-6, help="Inverse L2 regularisation strength.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the fold split and the bootstrap.")] = 0,
+    resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the intervals.")] = 2000,
+    save: Annotated[Path | None, typer.Option(help="Write the probe fitted on all studies (.npz).")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    batch_size: BatchOpt = 8,
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    modality: ModalityOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Linear probe (logistic regression) on study embeddings, cross-validated; prints metrics with 95% CIs."""
+    from medlens.siglip.probe import cross_validate, fit_probe
+
+    features, labels, info, warnings = _probe_data(data, model, device, dtype, batch_size, recipe, modality, quiet)
+    report = cross_validate(features, labels, folds=folds, c=c, seed=seed, n_resamples=resamples)
+    result: dict[str, Any] = {"data": str(data), **info, **report.as_dict()}
+    if save is not None:
+        fitted = fit_probe(features, labels, c=c, model=info["model"], fingerprint=info["fingerprint"])
+        result["saved"] = str(fitted.save(save))
+    result["warnings"] = [*warnings, *report.warnings]
+    result["disclaimer"] = DISCLAIMER
+    _dump(result)
+
+
+def _probe_data(
+    data: Path,
+    model: str,
+    device: str,
+    dtype: str,
+    batch_size: int,
+    recipe: str,
+    modality: str | None,
+    quiet: bool,
+) -> tuple[Any, list[str], dict[str, Any], list[str]]:
+    """One pooled embedding and one label per study, from a CSV (embedded now) or an embed .npz."""
+    import numpy as np
+
+    if data.suffix.lower() == ".npz":
+        from medlens.siglip.embedding_file import EmbeddingFile
+
+        stored = EmbeddingFile.load(data)
+        sources, features, labels = stored.per_study()
+        unlabelled = [s for s, label in zip(sources, labels, strict=True) if not label]
+        if unlabelled:
+            raise InputError(
+                f"{len(unlabelled)} of {len(sources)} studies have no label (embed a CSV with columns path,label)",
+                str(data),
+            )
+        info = {"model": stored.model, "fingerprint": stored.fingerprint, "dim": stored.dim}
+        return features, labels, info, []
+    from medlens.siglip.inputs import read_label_csv
+
+    refs = read_label_csv(data, require_label=True)
+    encoder = _encoder(model, device, dtype)
+    studies = _studies(encoder, refs, batch_size, recipe, modality, quiet)
+    features = np.stack([s.pooled() for s in studies])
+    labels = [s.ref.label or "" for s in studies]
+    info = {"model": encoder.name, "fingerprint": encoder.fingerprint, "dim": encoder.dim}
+    return features, labels, info, _warnings(encoder, *[s.warnings for s in studies])
+
+
+# ---------------------------------------------------------------- search
+
+search_app = typer.Typer(
+    help=f"A persistent 'find similar cases' index of MedSigLIP embeddings. {DISCLAIMER}",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+IndexArg = Annotated[Path, typer.Argument(help="Index folder.")]
+IndexModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help=f"Model (default: the index's own; {DEFAULT_MODEL} for a new index)."),
+]
+
+
+@search_app.command("add")
+def search_add(
+    index: IndexArg,
+    inputs: InputsArg,
+    label: Annotated[str | None, typer.Option(help="Label of the studies (a CSV's own labels win).")] = None,
+    note: Annotated[str | None, typer.Option(help="A note stored with the studies.")] = None,
+    model: IndexModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    batch_size: BatchOpt = 8,
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    modality: ModalityOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Add studies (one embedding per image) to the index, creating it if needed; already indexed ones are skipped."""
+    import numpy as np
+
+    from medlens.siglip.index import IndexEntry, SiglipIndex
+    from medlens.siglip.inputs import InputRef, embed_studies, expand_inputs
+
+    existing = _open_index(index)
+    encoder = _encoder(model or (existing.model if existing else DEFAULT_MODEL), device, dtype)
+    if existing is not None:
+        existing.check_compatible(encoder.name, encoder.fingerprint, encoder.dim)
+    indexed = existing.sources() if existing is not None else set()
+    refs = [InputRef(r.path.resolve(), r.label if r.label is not None else label) for r in expand_inputs(inputs)]
+    todo = [r for r in refs if r.source not in indexed]
+    added = skipped = 0
+    notes: list[str] = []
+    for start in range(0, len(todo), ADD_CHUNK):
+        chunk = todo[start : start + ADD_CHUNK]
+        studies = list(embed_studies(encoder, chunk, batch_size, recipe, None, modality, _reporter(quiet)))
+        vectors = np.concatenate([s.embeddings for s in studies])
+        entries = [IndexEntry(s.ref.source, i, s.ref.label, note) for s in studies for i in range(1, s.n_images + 1)]
+        # created only once the first studies are read, so a bad input leaves no empty index behind
+        store = SiglipIndex.open_or_create(index, encoder.name, encoder.fingerprint, encoder.dim)
+        outcome = store.add(vectors, entries)
+        added, skipped = added + outcome.added, skipped + outcome.skipped
+        notes.extend(w for s in studies for w in s.warnings)
+    store = SiglipIndex.open_or_create(index, encoder.name, encoder.fingerprint, encoder.dim)
+    _dump(
+        {
+            "index": str(index),
+            "model": store.model,
+            "added_images": added,
+            "skipped_images": skipped,
+            "skipped_studies_already_indexed": len(refs) - len(todo),
+            "count": len(store),
+            "warnings": _warnings(encoder, notes),
+            "disclaimer": DISCLAIMER,
+        }
+    )
+
+
+@search_app.command("query")
+def search_query(
+    index: IndexArg,
+    input: Annotated[Path | None, typer.Argument(help="A study to find similar cases for.")] = None,
+    text: Annotated[str | None, typer.Option("--text", help="Search by a text description instead.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many results.")] = 5,
+    model: IndexModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    recipe: RecipeOpt = DEFAULT_RECIPE,
+    modality: ModalityOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """The indexed images most similar (cosine) to a study (mean of its image embeddings) or to a text."""
+    from medlens.siglip.index import SiglipIndex
+    from medlens.siglip.inputs import InputRef, embed_studies
+
+    if (input is None) == (text is None):
+        raise MedlensError("give either a study to search with or --text, not both or neither")
+    store = SiglipIndex.open(index)
+    encoder = _encoder(model or store.model, device, dtype)
+    store.check_compatible(encoder.name, encoder.fingerprint, encoder.dim)
+    notes: list[str] = []
+    if input is not None:
+        (study,) = embed_studies(encoder, [InputRef(input)], recipe=recipe, modality=modality)
+        vector, query = study.pooled(), {"input": str(input), "n_images": study.n_images}
+        notes = study.warnings
+    else:
+        vector, query = encoder.embed_texts([text or ""])[0], {"text": text}
+    hits = store.search(vector, top_k)
+    _dump(
+        {
+            "index": str(index),
+            "model": store.model,
+            "query": query,
+            "results": [hit.as_dict() for hit in hits],
+            "warnings": _warnings(encoder, notes),
+            "disclaimer": DISCLAIMER,
+        }
+    )
+
+
+@search_app.command("info")
+def search_info(index: IndexArg) -> None:
+    """What the index holds: model, dimension, number of images and studies, labels."""
+    from medlens.siglip.index import SiglipIndex
+
+    _dump(SiglipIndex.open(index).info())
+
+
+def _open_index(index: Path) -> SiglipIndex | None:
+    """The index at ``index`` when there is one, else None."""
+    from medlens.siglip.index import META_FILE, SiglipIndex
+
+    return SiglipIndex.open(index) if (index / META_FILE).is_file() else None
+
+
+def register(app: typer.Typer) -> None:
+    """Add the MedSigLIP commands to the ``medlens`` app."""
+    app.command()(embed)
+    app.command()(zeroshot)
+    app.command()(probe)
+    app.add_typer(search_app, name="search")

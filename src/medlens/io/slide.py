@@ -1,0 +1,358 @@
+"""Whole-slide images: one small interface over OpenSlide, tiffslide and wsidicom.
+
+A :class:`Slide` exposes its pyramid levels, microns per pixel, objective power and the magnification of
+each level, and reads RGB uint8 regions. Only the image pyramid is ever read: label and macro/overview
+images (which can carry a patient's name) and free-text properties are never opened or passed on.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medlens.errors import CorruptFileError, NotFoundError, UnsupportedInputError
+from medlens.registry import Registry
+
+if TYPE_CHECKING:
+    from medlens.io.discover import Found
+
+#: formats only OpenSlide (or tiffslide) reads; .tif/.tiff too, and DICOM WSI through wsidicom
+OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff")
+#: DICOM VL Whole Slide Microscopy Image Storage
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+
+
+@dataclass(frozen=True)
+class SlideLevel:
+    """One pyramid level: its size in pixels and its downsample from level 0."""
+
+    width: int
+    height: int
+    downsample: float
+
+
+class Slide(ABC):
+    """An open whole-slide image. Coordinates are level-0 pixels unless a name says otherwise."""
+
+    backend: str = ""
+
+    def __init__(self, path: str, levels: list[SlideLevel], mpp: float | None, objective_power: float | None):
+        if not levels:
+            raise CorruptFileError("the slide has no image pyramid", path)
+        self.path = path
+        self.levels = levels
+        self.mpp = mpp
+        self.objective_power = objective_power
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height)."""
+        return self.levels[0].width, self.levels[0].height
+
+    @property
+    def base_magnification(self) -> float | None:
+        """Level-0 magnification: the objective power, else 10 / mpp, else unknown."""
+        from medlens.prep.wsi import base_magnification
+
+        return base_magnification(self.objective_power, self.mpp)
+
+    def magnification(self, level: int) -> float | None:
+        base = self.base_magnification
+        return None if base is None else base / self.levels[level].downsample
+
+    @abstractmethod
+    def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) at ``level``, top-left at level-0 ``(x0, y0)``; outside the slide or
+        on transparent (unscanned) areas the pixels are white."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends
+        """Release file handles."""
+
+    def summary(self) -> dict[str, Any]:
+        """What the manifest says about the slide: geometry only, never properties or associated images."""
+        return {
+            "backend": self.backend,
+            "width": self.levels[0].width,
+            "height": self.levels[0].height,
+            "mpp": self.mpp,
+            "objective_power": self.objective_power,
+            "base_magnification": self.base_magnification,
+            "levels": [
+                {
+                    "width": lv.width,
+                    "height": lv.height,
+                    "downsample": lv.downsample,
+                    "magnification": self.magnification(i),
+                }
+                for i, lv in enumerate(self.levels)
+            ],
+        }
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite non-premultiplied RGBA onto white (OpenSlide marks unscanned areas transparent)."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3:]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)
+    return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _positive(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+class _OpenSlideLike(Slide):
+    """OpenSlide and tiffslide share one API; only the module and property prefix differ."""
+
+    module = ""
+    prefix = ""
+
+    def __init__(self, path: str):
+        module = __import__(self.module)
+        try:
+            self._handle = getattr(module, self.handle_class)(path)
+        except Exception as exc:  # each library raises its own types for unreadable files
+            raise CorruptFileError(f"{self.backend} cannot open it ({type(exc).__name__}: {exc})", path) from None
+        h = self._handle
+        levels = [
+            SlideLevel(int(w), int(ht), float(d))
+            for (w, ht), d in zip(h.level_dimensions, h.level_downsamples, strict=True)
+        ]
+        props = h.properties
+        super().__init__(
+            path,
+            levels,
+            _positive(props.get(f"{self.prefix}.mpp-x")),
+            _positive(props.get(f"{self.prefix}.objective-power")),
+        )
+
+    handle_class = ""
+
+    def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
+        region = self._handle.read_region((int(x0), int(y0)), int(level), (int(width), int(height)))
+        array = np.asarray(region)
+        return _rgba_on_white(array) if array.shape[-1] == 4 else np.ascontiguousarray(array[..., :3])
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class OpenSlideSlide(_OpenSlideLike):
+    backend = "openslide"
+    module = "openslide"
+    handle_class = "OpenSlide"
+    prefix = "openslide"
+
+
+class TiffSlideSlide(_OpenSlideLike):
+    backend = "tiffslide"
+    module = "tiffslide"
+    handle_class = "TiffSlide"
+    prefix = "tiffslide"
+
+    def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
+        array = self._handle.read_region((int(x0), int(y0)), int(level), (int(width), int(height)), as_array=True)
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=-1)
+        return _rgba_on_white(array) if array.shape[-1] == 4 else np.ascontiguousarray(array[..., :3])
+
+
+class DicomSlide(Slide):
+    """DICOM WSI (one pyramid of VL Whole Slide Microscopy instances) through wsidicom; labels and
+    overviews in the same folder are never read."""
+
+    backend = "wsidicom"
+
+    def __init__(self, path: str, files: list[Path] | None = None):
+        from wsidicom import WsiDicom
+
+        try:
+            self._wsi = WsiDicom.open(files if files else path)
+            pyramid = self._wsi.levels
+            self._pyramid_levels = [lv.level for lv in pyramid.levels]
+            levels = [SlideLevel(lv.size.width, lv.size.height, float(2**lv.level)) for lv in pyramid.levels]
+        except Exception as exc:
+            raise CorruptFileError(f"wsidicom cannot open it ({type(exc).__name__}: {exc})", path) from None
+        try:
+            mpp = _positive(self._wsi.mpp.width)
+        except Exception:  # no pixel spacing in the files
+            mpp = None
+        super().__init__(path, levels, mpp, self._objective_power())
+
+    def _objective_power(self) -> float | None:
+        try:
+            for optical_path in self._wsi.metadata.optical_paths:
+                if optical_path.objective is not None:
+                    return _positive(optical_path.objective.objective_power)
+        except Exception:  # metadata is optional and varies by writer
+            return None
+        return None
+
+    def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
+        """wsidicom reads in level coordinates and refuses regions past the edge: clip, read, pad white."""
+        ds = self.levels[level].downsample
+        lx, ly = int(x0 // ds), int(y0 // ds)
+        lw, lh = self.levels[level].width, self.levels[level].height
+        out = np.full((height, width, 3), 255, np.uint8)
+        cx0, cy0 = max(lx, 0), max(ly, 0)
+        cx1, cy1 = min(lx + width, lw), min(ly + height, lh)
+        if cx1 > cx0 and cy1 > cy0:
+            region = self._wsi.read_region(
+                (cx0, cy0), self._pyramid_levels[level], (cx1 - cx0, cy1 - cy0), as_array=True
+            )
+            region = np.asarray(region)
+            if region.ndim == 2:
+                region = np.repeat(region[..., None], 3, axis=-1)
+            out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = region[..., :3]
+        return out
+
+    def close(self) -> None:
+        self._wsi.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Opening
+# --------------------------------------------------------------------------------------------------------------
+
+SlideOpener = Callable[..., Slide]
+SLIDE_BACKENDS: Registry[SlideOpener] = Registry("slide backend")
+SLIDE_BACKENDS.add("openslide", OpenSlideSlide)
+SLIDE_BACKENDS.add("tiffslide", TiffSlideSlide)
+SLIDE_BACKENDS.add("wsidicom", DicomSlide)
+
+
+def _is_wsi_dicom(path: Path) -> bool:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # not DICOM: not a DICOM slide
+        return False
+    return str(ds.get("SOPClassUID", "")) == WSI_SOP_CLASS
+
+
+def wsi_dicom_files(paths: list[Path]) -> list[Path]:
+    """The files among ``paths`` that are DICOM WSI instances (a quick header read each)."""
+    return [p for p in paths if _is_wsi_dicom(p)]
+
+
+def slide_backend_for(path: Path) -> str | None:
+    """``openslide``/``wsidicom`` when ``path`` is a slide file or a DICOM WSI file, else ``None``.
+
+    Folders are decided by the caller (after discovering their files)."""
+    if path.is_file():
+        if path.name.lower().endswith(OPENSLIDE_SUFFIXES):
+            return "openslide"
+        if _is_wsi_dicom(path):
+            return "wsidicom"
+    return None
+
+
+def open_slide(path: str | Path, backend: str | None = None, files: list[Path] | None = None) -> Slide:
+    """Open a slide. ``backend`` None: DICOM WSI through wsidicom, anything else through OpenSlide, falling
+    back to tiffslide when OpenSlide is not installed or cannot read the file."""
+    p = Path(path)
+    if not p.exists():
+        raise NotFoundError("no such file or folder", str(path))
+    if backend is not None:
+        SLIDE_BACKENDS.get(backend)  # an unknown name fails with "did you mean"
+        return _open_with(backend, str(path), files)
+    if files or p.is_dir() or slide_backend_for(p) == "wsidicom":
+        return _open_with("wsidicom", str(path), files)
+    try:
+        return _open_with("openslide", str(path), None)
+    except (ImportError, OSError, CorruptFileError) as first:
+        try:
+            return _open_with("tiffslide", str(path), None)
+        except (ImportError, CorruptFileError):
+            if isinstance(first, CorruptFileError):
+                raise first from None
+            raise UnsupportedInputError("no slide library can read it", str(path)) from None
+
+
+@dataclass(frozen=True)
+class SlideSpec:
+    """How to open a slide again in another process: picklable, with the files of a DICOM WSI.
+
+    ``opener`` (a module-level function ``opener(path, backend=..., files=...)``) replaces
+    :func:`open_slide`; the tests use it to inject decoder faults."""
+
+    path: str
+    backend: str | None = None
+    files: tuple[str, ...] | None = None
+    opener: Callable[..., Slide] | None = None
+    #: keeps a temporary folder (an unpacked zip) alive while the slide is read; not sent to workers
+    keepalive: object = field(default=None, compare=False, repr=False)
+
+    def open(self) -> Slide:
+        if self.opener is not None:
+            return self.opener(self.path, backend=self.backend, files=self.files)
+        return open_slide(self.path, self.backend, [Path(f) for f in self.files] if self.files else None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "backend": self.backend, "files": self.files, "opener": self.opener}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in {**state, "keepalive": None}.items():
+            object.__setattr__(self, key, value)
+
+
+def find_slide(path: str | Path, found: Found | None = None) -> SlideSpec | None:
+    """A :class:`SlideSpec` when ``path`` is a whole-slide image (an OpenSlide-format file, a DICOM WSI file,
+    or a folder/zip holding one slide), else ``None`` (an ordinary study). ``found``: the folder's or zip's
+    files when already discovered."""
+    p = Path(path)
+    if found is None:
+        if not p.is_file() or p.name.lower().endswith(".zip"):
+            return None
+        backend = slide_backend_for(p)
+        if backend is None:
+            return None
+        return SlideSpec(str(p), files=(str(p),) if backend == "wsidicom" else None)
+    slides = [f for f in found.dicom if f.display.lower().endswith(OPENSLIDE_SUFFIXES)]
+    if len(slides) > 1:
+        raise UnsupportedInputError(f"{len(slides)} slide files found; give one slide at a time", str(path))
+    if slides:
+        return SlideSpec(str(slides[0].path), keepalive=found.tempdir)
+    head = [f.path for f in found.dicom[:3]]
+    if not wsi_dicom_files(head):
+        return None
+    files = wsi_dicom_files([f.path for f in found.dicom])
+    return SlideSpec(str(path), files=tuple(str(f) for f in files), keepalive=found.tempdir)
+
+
+def _open_with(backend: str, path: str, files: list[Path] | None) -> Slide:
+    opener = SLIDE_BACKENDS.get(backend)
+    return opener(path, files) if backend == "wsidicom" else opener(path)
+
+
+__all__ = [
+    "SLIDE_BACKENDS",
+    "WSI_SOP_CLASS",
+    "DicomSlide",
+    "OpenSlideSlide",
+    "Slide",
+    "SlideLevel",
+    "SlideSpec",
+    "TiffSlideSlide",
+    "find_slide",
+    "open_slide",
+    "slide_backend_for",
+    "wsi_dicom_files",
+]
