@@ -52,7 +52,8 @@ def bench_slide(workdir: Path, width: int, height: int) -> Path:
     path = workdir / f"bench-{width}x{height}.svs"
     if not path.exists():
         tissue = tuple(
-            (round(a * width), round(b * height), round(c * width), round(d * height)) for a, b, c, d in TISSUE_FRACTIONS
+            (round(a * width), round(b * height), round(c * width), round(d * height))
+            for a, b, c, d in TISSUE_FRACTIONS
         )
         start = time.perf_counter()
         tmp = path.with_suffix(".tmp.svs")
@@ -65,9 +66,7 @@ def bench_slide(workdir: Path, width: int, height: int) -> Path:
 def patch_requests(path: Path, workers: int | None) -> list[RegionRequest]:
     prepared = prepare_slide(SlideSpec(str(path)), "medgemma-1.5", SlideOptions(workers=workers))
     read = prepared.meta["read_size"]
-    return [
-        RegionRequest(m["x0_y0"][0], m["x0_y0"][1], m["level"], read, read, 896, 896) for m in prepared.image_meta
-    ]
+    return [RegionRequest(m["x0_y0"][0], m["x0_y0"][1], m["level"], read, read, 896, 896) for m in prepared.image_meta]
 
 
 def run_loop(path: Path, requests: list[RegionRequest]) -> list[np.ndarray]:
@@ -147,8 +146,11 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     n = len(requests)
     for name in names:
-        print(f"{name:<8} {med[name]:7.3f} s  {n / med[name]:7.1f} patches/s  (rounds: "
-              + ", ".join(f"{t:.3f}" for t in times[name]) + ")")
+        print(
+            f"{name:<8} {med[name]:7.3f} s  {n / med[name]:7.1f} patches/s  (rounds: "
+            + ", ".join(f"{t:.3f}" for t in times[name])
+            + ")"
+        )
     print(f"tiles decoded by the floor: {outputs['floor']}")
     speedup = med["loop"] / med["medlens"]
     vs_floor = med["medlens"] / med["floor"]
@@ -162,8 +164,19 @@ def main() -> int:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
     if args.json:
         args.json.write_text(
-            json.dumps({"seconds": med, "rounds": times, "patches": n, "workers": workers, "speedup": speedup,
-                        "vs_floor": vs_floor, "identical": same}, indent=2) + "\n"
+            json.dumps(
+                {
+                    "seconds": med,
+                    "rounds": times,
+                    "patches": n,
+                    "workers": workers,
+                    "speedup": speedup,
+                    "vs_floor": vs_floor,
+                    "identical": same,
+                },
+                indent=2,
+            )
+            + "\n"
         )
     return 0 if all(checks.values()) else 1
 

@@ -27,8 +27,8 @@ from medlens.io.types import SliceRef
 from medlens.prep.recipes import Prepared
 from medlens.prep.wsi import (
     DEFAULT_WSI_MAGNIFICATION,
-    WSI_MAGNIFICATIONS,
     MASK_MAGNIFICATION,
+    WSI_MAGNIFICATIONS,
     WSI_MAX_PATCHES,
     WSI_PATCH_SIZE,
     PatchBox,
