@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 #: formats only OpenSlide (or tiffslide) reads; .tif/.tiff too, and DICOM WSI through wsidicom
 OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff")
+#: read by tiffslide first (faster on these), the others by OpenSlide first
+TIFFSLIDE_FIRST_SUFFIXES = (".svs", ".tif", ".tiff")
 #: DICOM VL Whole Slide Microscopy Image Storage
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
@@ -69,6 +71,23 @@ class Slide(ABC):
     def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 (height, width, 3) at ``level``, top-left at level-0 ``(x0, y0)``; outside the slide or
         on transparent (unscanned) areas the pixels are white."""
+
+    def _read_clipped(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
+        """For readers that refuse or blacken regions past the edge: read the part inside the level (through
+        :meth:`_read_inside`, level coordinates) and leave the rest white."""
+        ds = self.levels[level].downsample
+        lx, ly = round(x0 / ds), round(y0 / ds)
+        cx0, cy0 = max(lx, 0), max(ly, 0)
+        cx1, cy1 = min(lx + width, self.levels[level].width), min(ly + height, self.levels[level].height)
+        if (cx0, cy0, cx1, cy1) == (lx, ly, lx + width, ly + height):
+            return self._read_inside(lx, ly, level, width, height)
+        out = np.full((height, width, 3), 255, np.uint8)
+        if cx1 > cx0 and cy1 > cy0:
+            out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = self._read_inside(cx0, cy0, level, cx1 - cx0, cy1 - cy0)
+        return out
+
+    def _read_inside(self, lx: int, ly: int, level: int, width: int, height: int) -> np.ndarray:
+        raise NotImplementedError
 
     def close(self) -> None:  # noqa: B027 - optional for backends
         """Release file handles."""
@@ -125,16 +144,15 @@ class _OpenSlideLike(Slide):
 
     def __init__(self, path: str):
         module = __import__(self.module)
-        try:
-            self._handle = getattr(module, self.handle_class)(path)
+        try:  # the libraries read lazily: metadata errors surface only here
+            self._handle = h = getattr(module, self.handle_class)(path)
+            levels = [
+                SlideLevel(int(w), int(ht), float(d))
+                for (w, ht), d in zip(h.level_dimensions, h.level_downsamples, strict=True)
+            ]
+            props = dict(h.properties)
         except Exception as exc:  # each library raises its own types for unreadable files
             raise CorruptFileError(f"{self.backend} cannot open it ({type(exc).__name__}: {exc})", path) from None
-        h = self._handle
-        levels = [
-            SlideLevel(int(w), int(ht), float(d))
-            for (w, ht), d in zip(h.level_dimensions, h.level_downsamples, strict=True)
-        ]
-        props = h.properties
         super().__init__(
             path,
             levels,
@@ -167,10 +185,64 @@ class TiffSlideSlide(_OpenSlideLike):
     prefix = "tiffslide"
 
     def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
-        array = self._handle.read_region((int(x0), int(y0)), int(level), (int(width), int(height)), as_array=True)
+        return self._read_clipped(x0, y0, level, width, height)  # tiffslide fills past the edge with black
+
+    def _read_inside(self, lx: int, ly: int, level: int, width: int, height: int) -> np.ndarray:
+        page = self._tiled_page(level)
+        if page is not None:
+            return _decode_tiles(page, lx, ly, width, height)
+        ds = self.levels[level].downsample
+        location = (round(lx * ds), round(ly * ds))
+        array = self._handle.read_region(location, int(level), (int(width), int(height)), as_array=True)
         if array.ndim == 2:
             array = np.repeat(array[..., None], 3, axis=-1)
         return _rgba_on_white(array) if array.shape[-1] == 4 else np.ascontiguousarray(array[..., :3])
+
+    def _tiled_page(self, level: int) -> Any:
+        """The TIFF page of ``level`` when its tiles can be decoded straight into the output (tiled, 8-bit,
+        3 samples interleaved): ~1.6x faster than going through tiffslide's zarr store. Else ``None``."""
+        cache = self.__dict__.setdefault("_pages", {})
+        if level not in cache:
+            page = None
+            try:
+                series = self._handle.ts_tifffile.series[int(self._handle.properties["tiffslide.series-index"])]
+                candidate = series.levels[level].keyframe
+                if (
+                    candidate.is_tiled
+                    and candidate.dtype == np.uint8
+                    and candidate.samplesperpixel == 3
+                    and candidate.planarconfig == 1
+                    and candidate.imagedepth == 1
+                ):
+                    page = candidate
+            except Exception:  # unusual layouts: tiffslide's own path
+                page = None
+            cache[level] = page
+        return cache[level]
+
+
+def _decode_tiles(page: Any, lx: int, ly: int, width: int, height: int) -> np.ndarray:
+    """Decode the tiles of a TIFF page under a region (in its pixels) with tifffile/imagecodecs and paste them;
+    missing (sparse) tiles stay white."""
+    th, tw = page.tilelength, page.tilewidth
+    across = -(-page.imagewidth // tw)
+    out = np.full((height, width, 3), 255, np.uint8)
+    fh = page.parent.filehandle
+    for row in range(ly // th, (ly + height - 1) // th + 1):
+        for col in range(lx // tw, (lx + width - 1) // tw + 1):
+            index = row * across + col
+            offset, count = page.dataoffsets[index], page.databytecounts[index]
+            if not count:
+                continue
+            fh.seek(offset)
+            data = fh.read(count)  # before touching page.decode: building it may move the file position
+            tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
+            tile = np.asarray(tile).reshape(th, tw, -1)[..., :3]
+            y0, x0 = row * th - ly, col * tw - lx
+            sy, sx = max(0, -y0), max(0, -x0)
+            ey, ex = min(th, height - y0), min(tw, width - x0)
+            out[y0 + sy : y0 + ey, x0 + sx : x0 + ex] = tile[sy:ey, sx:ex]
+    return out
 
 
 class DicomSlide(Slide):
@@ -205,22 +277,15 @@ class DicomSlide(Slide):
         return None
 
     def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
-        """wsidicom reads in level coordinates and refuses regions past the edge: clip, read, pad white."""
-        ds = self.levels[level].downsample
-        lx, ly = int(x0 // ds), int(y0 // ds)
-        lw, lh = self.levels[level].width, self.levels[level].height
-        out = np.full((height, width, 3), 255, np.uint8)
-        cx0, cy0 = max(lx, 0), max(ly, 0)
-        cx1, cy1 = min(lx + width, lw), min(ly + height, lh)
-        if cx1 > cx0 and cy1 > cy0:
-            region = self._wsi.read_region(
-                (cx0, cy0), self._pyramid_levels[level], (cx1 - cx0, cy1 - cy0), as_array=True
-            )
-            region = np.asarray(region)
-            if region.ndim == 2:
-                region = np.repeat(region[..., None], 3, axis=-1)
-            out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = region[..., :3]
-        return out
+        return self._read_clipped(x0, y0, level, width, height)  # wsidicom refuses regions past the edge
+
+    def _read_inside(self, lx: int, ly: int, level: int, width: int, height: int) -> np.ndarray:
+        region = np.asarray(
+            self._wsi.read_region((lx, ly), self._pyramid_levels[level], (width, height), as_array=True)
+        )
+        if region.ndim == 2:
+            region = np.repeat(region[..., None], 3, axis=-1)
+        return np.ascontiguousarray(region[..., :3])
 
     def close(self) -> None:
         self._wsi.close()
@@ -264,9 +329,18 @@ def slide_backend_for(path: Path) -> str | None:
     return None
 
 
+def backend_order(path: Path) -> tuple[str, ...]:
+    """The readers to try, in order, for a slide file. Aperio SVS and plain tiled TIFF go to tiffslide first:
+    it decodes their tiles about 3x faster than OpenSlide's ``read_region`` (docs/wsi.md); every other format
+    (NDPI, MRXS, SCN, VMS ...) to OpenSlide first. Each falls back to the other."""
+    if path.name.lower().endswith(TIFFSLIDE_FIRST_SUFFIXES):
+        return ("tiffslide", "openslide")
+    return ("openslide", "tiffslide")
+
+
 def open_slide(path: str | Path, backend: str | None = None, files: list[Path] | None = None) -> Slide:
-    """Open a slide. ``backend`` None: DICOM WSI through wsidicom, anything else through OpenSlide, falling
-    back to tiffslide when OpenSlide is not installed or cannot read the file."""
+    """Open a slide with ``backend``, or (None) with the first reader of :func:`backend_order` that can:
+    DICOM WSI (a folder, or ``files``) always through wsidicom."""
     p = Path(path)
     if not p.exists():
         raise NotFoundError("no such file or folder", str(path))
@@ -275,15 +349,16 @@ def open_slide(path: str | Path, backend: str | None = None, files: list[Path] |
         return _open_with(backend, str(path), files)
     if files or p.is_dir() or slide_backend_for(p) == "wsidicom":
         return _open_with("wsidicom", str(path), files)
-    try:
-        return _open_with("openslide", str(path), None)
-    except (ImportError, OSError, CorruptFileError) as first:
+    errors: list[Exception] = []
+    for name in backend_order(p):
         try:
-            return _open_with("tiffslide", str(path), None)
-        except (ImportError, CorruptFileError):
-            if isinstance(first, CorruptFileError):
-                raise first from None
-            raise UnsupportedInputError("no slide library can read it", str(path)) from None
+            return _open_with(name, str(path), None)
+        except (ImportError, OSError, CorruptFileError) as exc:  # not installed, or cannot read this file
+            errors.append(exc)
+    corrupt = [e for e in errors if isinstance(e, CorruptFileError)]
+    if corrupt:
+        raise corrupt[0] from None
+    raise UnsupportedInputError("no slide library can read it", str(path)) from None
 
 
 @dataclass(frozen=True)
@@ -351,6 +426,7 @@ __all__ = [
     "SlideLevel",
     "SlideSpec",
     "TiffSlideSlide",
+    "backend_order",
     "find_slide",
     "open_slide",
     "slide_backend_for",

@@ -218,9 +218,12 @@ def _read_thumbnail(spec: SlideSpec, slide: Slide, mask_ds: float, workers: dict
         read_h = max(1, round((r1 - r0) * mask_ds / lds))
         requests.append(RegionRequest(0, y0, level, level_w, read_h, tw, r1 - r0))
     thumb = np.full((th, tw, 3), 255, np.uint8)
+    results = read_regions(spec, requests, **workers)
+    if all(r.image is None for r in results):
+        raise CorruptFileError(f"the slide's thumbnail could not be read: {results[0].error}", spec.path)
     failures = 0
     for req, result, r0 in zip(
-        requests, read_regions(spec, requests, **workers), range(0, th, rows_per_strip), strict=True
+        requests, results, range(0, th, rows_per_strip), strict=True
     ):
         if result.image is None:
             failures += 1

@@ -76,12 +76,14 @@ def _disk(radius: int) -> np.ndarray:
 
 
 def _rgb_to_sv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """HSV saturation and value, both in [0, 1], of an RGB uint8 image (hue is not needed)."""
-    x = rgb.astype(np.float32) / 255.0
-    v = x.max(axis=-1)
-    mn = x.min(axis=-1)
-    s = np.zeros_like(v)
-    np.divide(v - mn, v, out=s, where=v > 0)
+    """HSV saturation and value, both in [0, 1], of an RGB uint8 image (hue is not needed). Channel-wise
+    maximum/minimum on uint8 (a reduction over a last axis of 3 is many times slower in NumPy)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    high = np.maximum(np.maximum(r, g), b)
+    low = np.minimum(np.minimum(r, g), b)
+    v = high.astype(np.float32) * np.float32(1 / 255)
+    s = np.zeros(high.shape, np.float32)
+    np.divide((high - low).astype(np.float32), high, out=s, where=high > 0)
     return s, v
 
 
