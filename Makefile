@@ -32,6 +32,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/prepare_ct.py
+	$(BIN)/python bench/wsi_patches.py
 
 clean:
 	rm -rf $(VENV) demo-output build *.egg-info src/*.egg-info
