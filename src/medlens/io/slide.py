@@ -7,6 +7,7 @@ images (which can carry a patient's name) and free-text properties are never ope
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,10 +120,16 @@ class Slide(ABC):
         self.close()
 
 
-def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
-    """Composite non-premultiplied RGBA onto white (OpenSlide marks unscanned areas transparent)."""
-    rgb, alpha = rgba[..., :3], rgba[..., 3:]
-    if alpha.min() == 255:
+def _as_rgb(array: np.ndarray) -> np.ndarray:
+    """Grey, RGB or RGBA from a reader -> RGB uint8; non-premultiplied alpha composited onto white (OpenSlide
+    marks unscanned areas transparent)."""
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape[-1] == 1:
+        return np.repeat(array, 3, axis=-1)
+    rgb, alpha = array[..., :3], array[..., 3:]
+    if alpha.size == 0 or alpha.min() == 255:
         return np.ascontiguousarray(rgb)
     a = alpha.astype(np.uint16)
     return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
@@ -137,13 +144,14 @@ def _positive(value: Any) -> float | None:
 
 
 class _OpenSlideLike(Slide):
-    """OpenSlide and tiffslide share one API; only the module and property prefix differ."""
+    """OpenSlide and tiffslide share one API; only the module, class and property prefix (the module's
+    name) differ."""
 
     module = ""
-    prefix = ""
+    handle_class = ""
 
     def __init__(self, path: str):
-        module = __import__(self.module)
+        module = importlib.import_module(self.module)
         try:  # the libraries read lazily: metadata errors surface only here
             self._handle = h = getattr(module, self.handle_class)(path)
             levels = [
@@ -156,16 +164,12 @@ class _OpenSlideLike(Slide):
         super().__init__(
             path,
             levels,
-            _positive(props.get(f"{self.prefix}.mpp-x")),
-            _positive(props.get(f"{self.prefix}.objective-power")),
+            _positive(props.get(f"{self.module}.mpp-x")),
+            _positive(props.get(f"{self.module}.objective-power")),
         )
 
-    handle_class = ""
-
     def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
-        region = self._handle.read_region((int(x0), int(y0)), int(level), (int(width), int(height)))
-        array = np.asarray(region)
-        return _rgba_on_white(array) if array.shape[-1] == 4 else np.ascontiguousarray(array[..., :3])
+        return _as_rgb(self._handle.read_region((int(x0), int(y0)), int(level), (int(width), int(height))))
 
     def close(self) -> None:
         self._handle.close()
@@ -175,14 +179,12 @@ class OpenSlideSlide(_OpenSlideLike):
     backend = "openslide"
     module = "openslide"
     handle_class = "OpenSlide"
-    prefix = "openslide"
 
 
 class TiffSlideSlide(_OpenSlideLike):
     backend = "tiffslide"
     module = "tiffslide"
     handle_class = "TiffSlide"
-    prefix = "tiffslide"
 
     def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
         return self._read_clipped(x0, y0, level, width, height)  # tiffslide fills past the edge with black
@@ -193,10 +195,7 @@ class TiffSlideSlide(_OpenSlideLike):
             return _decode_tiles(page, lx, ly, width, height)
         ds = self.levels[level].downsample
         location = (round(lx * ds), round(ly * ds))
-        array = self._handle.read_region(location, int(level), (int(width), int(height)), as_array=True)
-        if array.ndim == 2:
-            array = np.repeat(array[..., None], 3, axis=-1)
-        return _rgba_on_white(array) if array.shape[-1] == 4 else np.ascontiguousarray(array[..., :3])
+        return _as_rgb(self._handle.read_region(location, int(level), (int(width), int(height)), as_array=True))
 
     def _tiled_page(self, level: int) -> Any:
         """The TIFF page of ``level`` when its tiles can be decoded straight into the output (tiled, 8-bit,
@@ -280,12 +279,7 @@ class DicomSlide(Slide):
         return self._read_clipped(x0, y0, level, width, height)  # wsidicom refuses regions past the edge
 
     def _read_inside(self, lx: int, ly: int, level: int, width: int, height: int) -> np.ndarray:
-        region = np.asarray(
-            self._wsi.read_region((lx, ly), self._pyramid_levels[level], (width, height), as_array=True)
-        )
-        if region.ndim == 2:
-            region = np.repeat(region[..., None], 3, axis=-1)
-        return np.ascontiguousarray(region[..., :3])
+        return _as_rgb(self._wsi.read_region((lx, ly), self._pyramid_levels[level], (width, height), as_array=True))
 
     def close(self) -> None:
         self._wsi.close()
