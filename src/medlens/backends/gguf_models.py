@@ -16,16 +16,14 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medlens.backends.models import BUILTIN_MODELS, MARKER_FILE, medlens_cache_dir
+from medlens.backends.models import BUILTIN_MODELS, MARKER_FILE, build_once, medlens_cache_dir
 from medlens.errors import ModelNotAvailableError
 
 GEMMA_270M_NAME = "gemma-3-270m"
@@ -265,16 +263,10 @@ def ensure_gemma_270m(cache: str | os.PathLike[str] | None = None) -> Path:
     """Return the directory of ``gemma-3-270m``: the GGUF assembled from the installed package (SHA-256 checked),
     its tokenizer converted once, and the marker file. Built atomically on first use, rebuilt when damaged."""
     package = _gemma_270m_package()
-    final = gemma_270m_dir(cache)
-    if _gemma_270m_complete(final, package):
-        return final
-    if final.exists():
-        shutil.rmtree(final, ignore_errors=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        gguf_path = package.assemble(tmp / package.MODEL_NAME)  # checks the SHA-256 itself
-        _save_tokenizer(gguf_path, tmp / TOKENIZER_DIR)
+
+    def fill(folder: Path) -> None:
+        gguf_path = package.assemble(folder / package.MODEL_NAME)  # checks the SHA-256 itself
+        _save_tokenizer(gguf_path, folder / TOKENIZER_DIR)
         builtin = BUILTIN_MODELS.get(GEMMA_270M_NAME)
         info = {
             "name": GEMMA_270M_NAME,
@@ -288,16 +280,9 @@ def ensure_gemma_270m(cache: str | os.PathLike[str] | None = None) -> Path:
             "default_max_new_tokens": builtin.default_max_new_tokens,
             "warning": builtin.warning,
         }
-        (tmp / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n")  # last: it marks the folder complete
-        tmp.chmod(0o755)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _gemma_270m_complete(final, package):  # not a concurrent builder that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        (folder / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n")  # last: it marks the folder complete
+
+    return build_once(gemma_270m_dir(cache), fill, lambda folder: _gemma_270m_complete(folder, package))
 
 
 def _gemma_270m_package() -> Any:

@@ -6,6 +6,8 @@ Importing this module is cheap: builders import torch/transformers only when cal
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,30 @@ class BuiltinModel:
 
     def __call__(self) -> Path:
         return self.build()
+
+
+def build_once(final: Path, fill: Callable[[Path], None], complete: Callable[[Path], bool] | None = None) -> Path:
+    """``final`` once it is ``complete`` (default: its marker file exists); otherwise built by ``fill``-ing a
+    private folder beside it that is then renamed into place, so a half-built folder is never seen. A folder
+    that exists but is not complete is removed first; a concurrent builder that won the race is fine."""
+    done = complete or (lambda folder: (folder / MARKER_FILE).is_file())
+    if done(final):
+        return final
+    if final.exists():
+        shutil.rmtree(final, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        fill(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not done(final):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def medlens_cache_dir() -> Path:

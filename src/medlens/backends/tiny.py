@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from medlens.backends.models import MARKER_FILE, medlens_cache_dir
+from medlens.backends.models import MARKER_FILE, build_once, medlens_cache_dir
 
 #: bump when anything below changes what gets built; the cache directory name carries it
 TINY_VERSION = 1
@@ -105,25 +103,7 @@ def tiny_model_dir(cache: str | os.PathLike[str] | None = None) -> Path:
 
 def ensure_tiny_model(cache: str | os.PathLike[str] | None = None) -> Path:
     """Return the directory of the tiny model, building it atomically on first use."""
-    final = tiny_model_dir(cache)
-    if (final / MARKER_FILE).is_file():
-        return final
-    # a builder renames a complete directory into place, so one that exists without the marker is broken
-    if final.exists() and not (final / MARKER_FILE).is_file():
-        shutil.rmtree(final, ignore_errors=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        save_tiny_model(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / MARKER_FILE).is_file():  # not a concurrent builder that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(tiny_model_dir(cache), save_tiny_model)
 
 
 def save_tiny_model(directory: str | os.PathLike[str]) -> None:

@@ -8,6 +8,7 @@ a bad tile fails one region with a reason instead of the run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from medlens.prep.wsi import (
     WSI_MAX_PATCHES,
     WSI_PATCH_SIZE,
     PatchBox,
+    base_magnification,
     choose_magnification,
     level_for,
     patch_grid,
@@ -87,7 +89,7 @@ def prepare_slide(
     opts = options or SlideOptions()
     opts.check(spec.path)
     if opts.backend is not None and spec.backend is None:
-        spec = SlideSpec(spec.path, opts.backend, spec.files, spec.opener, spec.keepalive)
+        spec = dataclasses.replace(spec, backend=opts.backend)
     with spec.open() as slide:
         return _prepare(slide, spec, recipe, opts, progress)
 
@@ -95,14 +97,12 @@ def prepare_slide(
 def _prepare(slide: Slide, spec: SlideSpec, recipe: str, opts: SlideOptions, progress: Progress | None) -> Prepared:
     warnings: list[str] = []
     width0, height0 = slide.dimensions
-    mpp = opts.mpp or slide.mpp
-    objective = None if opts.mpp else slide.objective_power
-    base = slide.base_magnification if not opts.mpp else 10.0 / opts.mpp
+    base = base_magnification(mpp=opts.mpp) if opts.mpp else slide.base_magnification
     if base is None:
         base = ASSUMED_BASE_MAGNIFICATION
         warnings.append(f"the slide states no mpp or objective power; level 0 taken as {base:g}x (set --mpp)")
     wanted = opts.magnification or DEFAULT_WSI_MAGNIFICATION
-    magnification = choose_magnification(objective, mpp if objective is None else None, wanted)
+    magnification = choose_magnification(objective_power=base, wanted=wanted)
     if magnification != wanted:
         warnings.append(f"{wanted:g}x is beyond the slide's {base:g}x; read at {magnification:g}x")
     downsamples = [lv.downsample for lv in slide.levels]
@@ -222,9 +222,7 @@ def _read_thumbnail(spec: SlideSpec, slide: Slide, mask_ds: float, workers: dict
     if all(r.image is None for r in results):
         raise CorruptFileError(f"the slide's thumbnail could not be read: {results[0].error}", spec.path)
     failures = 0
-    for req, result, r0 in zip(
-        requests, results, range(0, th, rows_per_strip), strict=True
-    ):
+    for req, result, r0 in zip(requests, results, range(0, th, rows_per_strip), strict=True):
         if result.image is None:
             failures += 1
         else:

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 #: Patch side in pixels at the chosen magnification (the model's input size).
 WSI_PATCH_SIZE = 896
@@ -116,6 +115,8 @@ def tissue_mask(
        so that fills cannot bring a pen mark back, and connected components smaller than
        ``min_area_fraction`` of the thumbnail are dropped.
     """
+    from scipy import ndimage  # imported here: reading a CT must not pay for it
+
     img = np.asarray(thumbnail)
     if img.ndim != 3 or img.shape[-1] < 3:
         raise ValueError(f"expected an RGB image of shape (H, W, 3), got {img.shape}")

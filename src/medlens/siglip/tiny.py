@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from medlens.backends.models import MARKER_FILE, medlens_cache_dir
+from medlens.backends.models import MARKER_FILE, build_once, medlens_cache_dir
 from medlens.siglip.models import TINY_SIGLIP_WARNING
 
 #: bump when anything below changes what gets built; the cache directory name carries it
@@ -52,24 +50,7 @@ def tiny_siglip_dir(cache: str | os.PathLike[str] | None = None) -> Path:
 
 def ensure_tiny_siglip(cache: str | os.PathLike[str] | None = None) -> Path:
     """Return the directory of the tiny model, building it atomically (temp dir + rename) on first use."""
-    final = tiny_siglip_dir(cache)
-    if (final / MARKER_FILE).is_file():
-        return final
-    if final.exists():  # a builder renames a complete directory into place: one without the marker is broken
-        shutil.rmtree(final, ignore_errors=True)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        save_tiny_siglip(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / MARKER_FILE).is_file():  # not a concurrent builder that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(tiny_siglip_dir(cache), save_tiny_siglip)
 
 
 def save_tiny_siglip(directory: str | os.PathLike[str]) -> None:
