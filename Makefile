@@ -26,9 +26,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -rs -p no:cacheprovider
 
+# ruff, then the import-linter contracts of pyproject.toml (layers, independent consumers, no cycles)
 lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python bench/prepare_ct.py

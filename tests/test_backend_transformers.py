@@ -13,9 +13,10 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from medlens.backends import GenerationRequest, load_backend
-from medlens.backends.models import BUILTIN_MODELS, TEST_MODEL_WARNING
 from medlens.backends.transformers_backend import TransformersBackend, clean_completion
 from medlens.errors import BackendUnavailableError, MedlensError, ModelNotAvailableError
+from medlens.models import BUILTIN_MODELS
+from medlens.models.builtins import TEST_MODEL_WARNING
 
 
 @pytest.fixture
@@ -44,8 +45,8 @@ def _image_request(**options: object) -> GenerationRequest:
 
 def test_builtin_registry_is_light() -> None:
     code = (
-        "import sys, medlens.backends.models, medlens.backends.transformers_backend, medlens.backends.gguf_models, "
-        "medlens.backends.prefix_cache; "
+        "import sys, medlens.models, medlens.backends.transformers_backend, medlens.models.gguf, "
+        "medlens.backends.prefix_cache, medlens.siglip.encoder; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -56,7 +57,7 @@ def test_builtin_registry_is_light() -> None:
 def test_tiny_builds_deterministically(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from medlens.backends.tiny import ensure_tiny_model
+    from medlens.models.gemma_tiny import ensure_tiny_model
 
     first, second = ensure_tiny_model(tmp_path / "a"), ensure_tiny_model(tmp_path / "b")
     assert first != second and first.name == "test-tiny-v1"
@@ -167,7 +168,7 @@ def test_text_only_directory(tmp_path: Path) -> None:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from medlens.backends.tiny import build_tokenizer
+    from medlens.models.gemma_tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = Gemma3TextConfig(

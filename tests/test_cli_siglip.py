@@ -127,7 +127,7 @@ def _save_other_siglip(directory) -> None:
     import torch
     from transformers import SiglipConfig, SiglipModel
 
-    from medlens.siglip.tiny import build_tokenizer
+    from medlens.models.siglip_tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     tower = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}

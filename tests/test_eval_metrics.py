@@ -8,7 +8,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.preprocessing import MultiLabelBinarizer
 
 from medlens.errors import UnknownNameError
-from medlens.eval.metrics import (
+from medlens.metrics.functions import (
     METRICS,
     accuracy,
     binary_f1_macro_by_group,

@@ -11,8 +11,8 @@ from scipy.stats import binomtest
 
 from medlens.errors import MedlensError
 from medlens.eval.compare import compare_runs, format_comparison
-from medlens.eval.metrics import accuracy, binary_f1_macro_by_group, macro_accuracy, rouge_l, tokenized_f1
-from medlens.eval.stats import (
+from medlens.metrics.functions import accuracy, binary_f1_macro_by_group, macro_accuracy, rouge_l, tokenized_f1
+from medlens.metrics.stats import (
     bootstrap_ci,
     bootstrap_values,
     items_needed_paired,
@@ -55,7 +55,7 @@ def test_bootstrap_is_deterministic_per_seed():
 
 def test_resample_indices_do_not_depend_on_chunking(monkeypatch):
     whole = np.concatenate(list(resample_indices(50, 30, seed=2)))
-    monkeypatch.setattr("medlens.eval.stats.CHUNK_ELEMENTS", 7 * 50)
+    monkeypatch.setattr("medlens.metrics.stats.CHUNK_ELEMENTS", 7 * 50)
     chunks = list(resample_indices(50, 30, seed=2))
     assert len(chunks) == 5
     np.testing.assert_array_equal(np.concatenate(chunks), whole)

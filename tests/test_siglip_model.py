@@ -38,7 +38,7 @@ def save_local_siglip(directory, image_size: int = 224, patch_size: int = 32, se
     """A SiglipModel and tokenizer written with save_pretrained, as `hf download` would leave real weights."""
     from transformers import SiglipConfig, SiglipModel
 
-    from medlens.siglip.tiny import build_tokenizer
+    from medlens.models.siglip_tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     tower = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
@@ -59,9 +59,8 @@ def _manual_image_features(encoder, pixels: np.ndarray) -> np.ndarray:
 
 
 def test_tiny_model_is_built_once_atomically_and_deterministically(siglip_encoder, tmp_path):
-    from medlens.backends.models import MARKER_FILE
-    from medlens.siglip.models import model_fingerprint
-    from medlens.siglip.tiny import TINY_SIGLIP_VERSION, ensure_tiny_siglip
+    from medlens.models import MARKER_FILE, model_fingerprint
+    from medlens.models.siglip_tiny import TINY_SIGLIP_VERSION, ensure_tiny_siglip
 
     built = ensure_tiny_siglip(tmp_path)
     assert built.name == f"test-tiny-siglip-v{TINY_SIGLIP_VERSION}"
@@ -181,7 +180,7 @@ def test_a_local_directory_is_the_real_weights_path(tmp_path):
     ],
 )
 def test_models_that_are_not_siglip_are_refused_clearly(tmp_path, setup, match):
-    from medlens.siglip.models import resolve_siglip
+    from medlens.models import EMBED, resolve_model
 
     target = {
         "missing": str(tmp_path / "nowhere"),
@@ -195,7 +194,7 @@ def test_models_that_are_not_siglip_are_refused_clearly(tmp_path, setup, match):
     if setup == "file":
         (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ModelNotAvailableError, match=match) as info:
-        resolve_siglip(target)
+        resolve_model(target, EMBED)
     if setup != "typo":
         assert str(tmp_path) in str(info.value)
 

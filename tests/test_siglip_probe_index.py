@@ -167,7 +167,7 @@ def test_an_interrupted_add_leaves_the_index_as_it_was(tmp_path, vectors, monkey
         raise KeyboardInterrupt  # the process dies after the shard files, before meta.json
 
     with monkeypatch.context() as patch:
-        patch.setattr(index_module, "_write_json", crash_on_commit)
+        patch.setattr(index_module, "write_json_atomic", crash_on_commit)
         with pytest.raises(KeyboardInterrupt):
             index.add(vectors[5:10], _entries("/data/b", 5))
 

@@ -12,9 +12,9 @@ from dicom_factory import write_radiograph
 from scripted import ScriptedBackend
 
 from medlens.demo.phantom import ct_phantom, write_ct_series
+from medlens.files import sha256_of
 from medlens.tasks import TASKS, TaskOptions, get_task
 from medlens.tasks.compare import parse_progression
-from medlens.tasks.envelope import sha256_of
 from medlens.tasks.report import split_sections
 from medlens.tasks.runner import run_task
 

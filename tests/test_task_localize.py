@@ -12,10 +12,11 @@ from PIL import Image
 from scripted import ScriptedBackend
 
 from medlens.errors import MedlensError
+from medlens.prep.boxes import iou, mean_iou
 from medlens.prep.square import Padding, from_pixels, pad_to_square, padding_for, to_pixels
 from medlens.tasks import TASKS, TaskOptions, get_task
 from medlens.tasks.base import ParseError
-from medlens.tasks.localize import ANSWER_FORMAT, PALETTE, LocalizeTask, iou, mean_iou
+from medlens.tasks.localize import ANSWER_FORMAT, PALETTE, LocalizeTask
 
 # --- pad to square and back ---
 

@@ -46,6 +46,14 @@ class Backend(ABC):
     model_warning: str | None = None
     #: default for ``max_new_tokens`` when a request leaves it unset
     default_max_new_tokens: int = 512
+    #: identifies the weights (:func:`medlens.models.model_fingerprint` of local ones); results of different
+    #: fingerprints are never mixed (evaluation journal, fine-tuning runs)
+    fingerprint: str = ""
+
+    @property
+    def revision(self) -> str:
+        """The weights' fingerprint, else what names the model: engine, model name and server."""
+        return self.fingerprint or f"{self.engine}:{self.model_name}:{getattr(self, 'base_url', '')}"
 
     def generate(
         self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import gc
-import json
 import re
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medlens.backends.base import Backend, GenerationOutput, GenerationRequest, Messages, ProgressCallback
-from medlens.backends.models import BUILTIN_MODELS, DOWNLOAD_HINT, MARKER_FILE, TEST_MODEL_WARNING
 from medlens.backends.prefix_cache import common_prefix_length, group_by_prefix, images_processed_once
-from medlens.errors import BackendUnavailableError, MedlensError, ModelNotAvailableError
+from medlens.errors import MedlensError
+from medlens.models import GENERATE, ModelSource, model_fingerprint, resolve_model, select_device, select_dtype
+from medlens.models.hf import import_torch_transformers, loader_errors, progress_bars
+from medlens.models.resolve import DOWNLOAD_HINTS
 
 #: tokens removed from a completion; ``<unused94>``/``<unused95>`` (thinking markers) are kept
 DROPPED_TOKENS = ("<eos>", "<end_of_turn>", "<pad>", "<bos>")
@@ -35,116 +34,10 @@ _END_TOKENS = ("<eos>", "<end_of_turn>")
 #: a shared prefix shorter than this is not worth a separate prefill
 MIN_SHARED_PREFIX_TOKENS = 16
 
-_DTYPES = {
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-}
-
 
 def clean_completion(text: str) -> str:
     """Drop end/padding markers and trailing whitespace; keep everything else, thinking markers included."""
     return _DROPPED_RE.sub("", text).rstrip()
-
-
-def _import_torch_transformers() -> tuple[Any, Any]:
-    try:
-        import torch
-        import transformers
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"the transformers backend needs torch and transformers ({exc.name} is missing): "
-            "pip install 'medlens[models]'"
-        ) from None
-    return torch, transformers
-
-
-@contextlib.contextmanager
-def progress_bars(enabled: bool) -> Iterator[None]:
-    """Switch transformers' and huggingface_hub's progress bars on or off for the duration of the block."""
-    from transformers.utils import logging as hf_logging
-
-    before = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
-
-
-def resolve_model(model: str) -> tuple[str, dict[str, Any]]:
-    """Map a built-in name, a local directory, a ``.gguf`` file or a cached HF id to what the loaders take.
-
-    Returns ``(path_or_id, info)``; ``info`` (the directory's marker file, a built-in's settings) may hold
-    ``is_test_model``, ``default_max_new_tokens``, ``warning``, ``text_only``, and for GGUF models
-    ``format: "gguf"``, ``gguf_file`` and ``tokenizer`` (paths relative to the directory).
-    Raises :class:`ModelNotAvailableError` when the model is nowhere on this machine (nothing is downloaded).
-    """
-    if model in BUILTIN_MODELS:
-        builtin = BUILTIN_MODELS.get(model)
-        directory = builtin()
-        defaults = {
-            "is_test_model": builtin.is_test_model,
-            "default_max_new_tokens": builtin.default_max_new_tokens,
-            "warning": builtin.warning,
-        }
-        return str(directory), {**defaults, **_read_marker(directory)}
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return str(path), {"format": "gguf", "text_only": True}
-    if path.is_dir():
-        marker = _read_marker(path)
-        if not (path / "config.json").is_file() and marker.get("format") != "gguf":
-            raise ModelNotAvailableError(f"{path} is not a model directory (no config.json); {DOWNLOAD_HINT}")
-        return str(path), marker
-    if _in_hf_cache(model):
-        return model, {}
-    raise ModelNotAvailableError(_not_available_message(model))
-
-
-def _read_marker(directory: Path) -> dict[str, Any]:
-    marker = directory / MARKER_FILE
-    if not marker.is_file():
-        return {}
-    info = json.loads(marker.read_text())
-    return info if isinstance(info, dict) else {}
-
-
-def _in_hf_cache(model_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    try:
-        found = try_to_load_from_cache(model_id, "config.json")
-    except ValueError:  # not a valid repo id
-        return False
-    return isinstance(found, str)
-
-
-def _not_available_message(model: str) -> str:
-    close = difflib.get_close_matches(model, BUILTIN_MODELS.names(), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    looks_like_path = model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
-    where = "no such directory" if looks_like_path else "not a built-in, a local directory or in the local HF cache"
-    return f"model {model!r} is not available offline{hint}: {where}; {DOWNLOAD_HINT}"
-
-
-def _torch_dtype(torch: Any, dtype: str | None, device: str) -> Any:
-    if dtype is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype == "auto":
-        return "auto"
-    try:
-        return getattr(torch, _DTYPES[dtype.lower()])
-    except KeyError:
-        known = ", ".join(sorted(_DTYPES))
-        raise MedlensError(f"unknown dtype {dtype!r} (known: auto, {known})") from None
 
 
 def _to_pil(image: Any) -> Any:
@@ -185,18 +78,6 @@ def _message_text(message: dict[str, Any]) -> str:
     return "".join(p["text"].strip() for p in content if isinstance(p, dict) and p.get("type") == "text")
 
 
-@contextlib.contextmanager
-def _offline_errors(model: str) -> Iterator[None]:
-    """Turn a loader's ``OSError`` (missing files; nothing is downloaded) into :class:`ModelNotAvailableError`."""
-    try:
-        yield
-    except OSError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelNotAvailableError(
-            f"model {model!r} could not be loaded offline ({reason}); {DOWNLOAD_HINT}"
-        ) from exc
-
-
 def _images(messages: Messages) -> list[Any]:
     found = []
     for message in messages:
@@ -221,70 +102,68 @@ class TransformersBackend(Backend):
     def __init__(
         self,
         model: str,
-        device: str | None = None,
-        dtype: str | None = None,
+        device: str | None = "auto",
+        dtype: str | None = "auto",
         progress: bool = False,
         share_prefix: bool = True,
+        attn_implementation: str | None = None,
     ) -> None:
-        torch, transformers = _import_torch_transformers()
+        torch, transformers = import_torch_transformers()
         self._torch = torch
         self.model_name = model
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = _torch_dtype(torch, dtype, self.device)
+        self.device = select_device(torch, device)
+        self.dtype = select_dtype(torch, dtype, self.device)
         #: encode and prefill a prefix shared by several requests of one ``generate`` call once
         self.share_prefix = share_prefix
+        #: what ``from_pretrained`` gets besides the files (``attn_implementation``: sdpa, eager ...)
+        self._load_options: dict[str, Any] = {"dtype": self.dtype, "device_map": self.device, "local_files_only": True}
+        if attn_implementation:
+            self._load_options["attn_implementation"] = attn_implementation
         with progress_bars(progress):
-            self.model_path, info = resolve_model(model)
+            source = resolve_model(model, GENERATE)
+            self.model_path = str(source.path)
             #: no vision tower: requests with images are refused
-            self.text_only = self._is_text_only(transformers, info)
+            self.text_only = self._is_text_only(transformers, source)
             if self.text_only:
                 self.processor: Any = None
-                self.tokenizer, self.model = self._load_text(transformers, info)
+                self.tokenizer, self.model = self._load_text(transformers, source)
             else:
                 self.processor, self.model = self._load(transformers)
                 self.tokenizer = self.processor.tokenizer
-        self.is_test_model = bool(info.get("is_test_model", False))
-        self.default_max_new_tokens = int(info.get("default_max_new_tokens", 512))
-        self.model_warning = info.get("warning") or (TEST_MODEL_WARNING if self.is_test_model else None)
+        self.fingerprint = model_fingerprint(source.path)
+        self.is_test_model = source.is_test_model
+        self.default_max_new_tokens = source.default_max_new_tokens
+        self.model_warning = source.warning
         self._stop_ids = sorted(self._end_token_ids(self.tokenizer))
         pad_id = self.tokenizer.pad_token_id
         self._pad_id = pad_id if pad_id is not None else self._stop_ids[0]
 
-    def _is_text_only(self, transformers: Any, info: dict[str, Any]) -> bool:
-        if "text_only" in info:
-            return bool(info["text_only"])
-        if info.get("format") == "gguf":
-            return True
-        with _offline_errors(self.model_name):
+    def _loading(self) -> contextlib.AbstractContextManager[None]:
+        return loader_errors(self.model_name, DOWNLOAD_HINTS[GENERATE])
+
+    def _is_text_only(self, transformers: Any, source: ModelSource) -> bool:
+        if source.text_only is not None:
+            return source.text_only
+        with self._loading():
             config = transformers.AutoConfig.from_pretrained(self.model_path, local_files_only=True)
         return getattr(config, "vision_config", None) is None
 
     def _load(self, transformers: Any) -> tuple[Any, Any]:
-        options: dict[str, Any] = {"local_files_only": True}
-        with _offline_errors(self.model_name):
-            processor = transformers.AutoProcessor.from_pretrained(self.model_path, **options)
-            model = transformers.AutoModelForImageTextToText.from_pretrained(
-                self.model_path, dtype=self.dtype, device_map=self.device, **options
-            )
+        with self._loading():
+            processor = transformers.AutoProcessor.from_pretrained(self.model_path, local_files_only=True)
+            model = transformers.AutoModelForImageTextToText.from_pretrained(self.model_path, **self._load_options)
         return processor, model.eval()
 
-    def _load_text(self, transformers: Any, info: dict[str, Any]) -> tuple[Any, Any]:
-        """``AutoTokenizer`` + ``AutoModelForCausalLM``; GGUF files through :mod:`medlens.backends.gguf_models`."""
-        with _offline_errors(self.model_name):
-            if info.get("format") == "gguf":
-                from medlens.backends.gguf_models import load_gguf_causal_lm, load_gguf_tokenizer
+    def _load_text(self, transformers: Any, source: ModelSource) -> tuple[Any, Any]:
+        """``AutoTokenizer`` + ``AutoModelForCausalLM``; GGUF files through :mod:`medlens.models.gguf`."""
+        with self._loading():
+            if source.gguf_file is not None:
+                from medlens.models.gguf import load_gguf_causal_lm, load_gguf_tokenizer
 
-                path = Path(self.model_path)
-                if path.is_dir() and not info.get("gguf_file"):
-                    raise ModelNotAvailableError(f"{path}: the {MARKER_FILE} of a GGUF model names no gguf_file")
-                gguf_path = path / info["gguf_file"] if path.is_dir() else path
-                tokenizer_dir = path / info["tokenizer"] if path.is_dir() and info.get("tokenizer") else None
-                tokenizer = load_gguf_tokenizer(gguf_path, tokenizer_dir)
-                return tokenizer, load_gguf_causal_lm(gguf_path, self.dtype, self.device)
+                tokenizer = load_gguf_tokenizer(source.gguf_file, source.tokenizer_dir)
+                return tokenizer, load_gguf_causal_lm(source.gguf_file, self.dtype, self.device)
             tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                self.model_path, dtype=self.dtype, device_map=self.device, local_files_only=True
-            )
+            model = transformers.AutoModelForCausalLM.from_pretrained(self.model_path, **self._load_options)
         return tokenizer, model.eval()
 
     def _end_token_ids(self, tokenizer: Any) -> set[int]:
@@ -328,7 +207,7 @@ class TransformersBackend(Backend):
         )
 
     def _on_device(self, inputs: Any) -> Any:
-        if self.processor is None or self.dtype == "auto":
+        if self.processor is None:
             return inputs.to(self.model.device)
         return inputs.to(self.model.device, dtype=self.dtype)
 

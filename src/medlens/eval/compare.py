@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from medlens.errors import MedlensError, NotFoundError
-from medlens.eval.metrics import EXACT_MATCH, METRICS, item_scores
-from medlens.eval.stats import items_needed_paired, mcnemar_exact, paired_bootstrap_diff
+from medlens.metrics.functions import EXACT_MATCH, METRICS, item_scores
+from medlens.metrics.stats import items_needed_paired, mcnemar_exact, paired_bootstrap_diff
 
 CONFIDENCE = 0.95
 _SHOWN_IDS = 10

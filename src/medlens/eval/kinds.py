@@ -61,7 +61,7 @@ class Kind:
         return self._prepare(str(path))
 
     def _prepare_path(self, path: str) -> Any:
-        from medlens.api import prepare_study
+        from medlens.prep import prepare_study
 
         return prepare_study(path, self.recipe, modality=self.spec.options.get("modality"))
 

@@ -66,8 +66,8 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
 
 def _group_bars(results: dict[str, Any], samples: list[dict[str, Any]]) -> str | None:
     """SVG bars of the first metric per group (condition), with 95% bootstrap error bars."""
-    from medlens.eval.metrics import METRICS
-    from medlens.eval.stats import bootstrap_ci
+    from medlens.metrics.functions import METRICS
+    from medlens.metrics.stats import bootstrap_ci
 
     groups = sorted({s["group"] for s in samples if s.get("group") is not None})
     if len(groups) < 2 or not results.get("metric_specs"):
@@ -179,8 +179,8 @@ def _thumbnails(path: Path, size: int = 160, most: int = 4) -> list[str]:
     """PNG data URLs of what the model saw for ``path`` (a few slices of a volume); [] when unavailable."""
     from PIL import Image
 
-    from medlens.api import prepare_study
     from medlens.errors import MedlensError as Error
+    from medlens.prep import prepare_study
 
     if path.suffix.lower() in (".json", ".txt", ".md", ".pdf") or not path.exists():
         return []

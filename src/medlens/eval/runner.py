@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -25,8 +24,9 @@ from medlens.eval.journal import Journal
 from medlens.eval.kinds import Item, Kind, Query
 from medlens.eval.registry import get_benchmark, make_kind
 from medlens.eval.spec import BenchmarkSpec
+from medlens.files import sha256_of, write_json_atomic, write_jsonl_atomic
+from medlens.prep.recipes import DEFAULT_RECIPE
 from medlens.progress import Reporter
-from medlens.tasks.envelope import sha256_of
 
 SAMPLES = "samples.jsonl"
 RESULTS = "results.json"
@@ -41,13 +41,15 @@ def run_benchmark(
     limit: int | None = None,
     batch_size: int = 8,
     engine: str = "transformers",
-    recipe: str = "medgemma-1.5",
+    backend_options: dict[str, Any] | None = None,
+    recipe: str = DEFAULT_RECIPE,
     n_resamples: int = 1000,
     judge: str | Backend | None = None,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Run ``benchmark`` with ``model``; writes samples.jsonl, results.json and the journal to ``out_dir``.
-    ``judge`` (any model) additionally grades free-text predictions for benchmarks that allow it."""
+    ``judge`` (any model) additionally grades free-text predictions for benchmarks that allow it; both load
+    with ``engine`` and ``backend_options`` (device, dtype, engine arguments)."""
     spec, spec_path = get_benchmark(benchmark)
     if judge is not None and not spec.options.get("judge"):
         raise MedlensError(f"benchmark {spec.name} has no free-text answers for a judge (only e.g. medpix-diagnosis)")
@@ -56,9 +58,9 @@ def run_benchmark(
     items = load_items(spec, data_root(data), limit)
     kind = make_kind(spec, spec_path, recipe)
     start = time.perf_counter()
-    backend = model if isinstance(model, Backend) else load_backend(model, engine)
+    backend = model if isinstance(model, Backend) else load_backend(model, engine, **(backend_options or {}))
     generation = _generation(spec, backend)
-    revision = model_revision(backend)
+    revision = backend.revision
     hashes: dict[Path, str] = {}
     with reporter.stage(f"{spec.name}: preparing", total=len(items)) as update:
         queries, keys = [], []
@@ -76,10 +78,10 @@ def run_benchmark(
     ]
     results = _results(spec, samples, backend, revision, generation, n_resamples, reused, limit)
     if judge is not None:
-        _add_judge(results, samples, judge, engine, out, n_resamples)
+        _add_judge(results, samples, judge, engine, backend_options or {}, out, n_resamples)
     results["timings"] = {"total": round(time.perf_counter() - start, 3)}
-    _write_jsonl(out / SAMPLES, samples)
-    _write_json(out / RESULTS, results)
+    write_jsonl_atomic(out / SAMPLES, samples)
+    write_json_atomic(out / RESULTS, results)
     return results
 
 
@@ -129,23 +131,6 @@ def _generation(spec: BenchmarkSpec, backend: Backend) -> dict[str, Any]:
         "temperature": float(spec.generation.get("temperature", 0.0)),
         "thinking": bool(spec.generation.get("thinking", False)),
     }
-
-
-def model_revision(backend: Backend) -> str:
-    """What identifies the weights: the explicit revision, else a hash of the model folder's config and the
-    names and sizes of its files (cheap even for 50 GB of weights), else engine + model name."""
-    explicit = getattr(backend, "revision", None)
-    if explicit:
-        return str(explicit)
-    folder = Path(str(getattr(backend, "model_path", "")))
-    if folder.is_dir():
-        digest = hashlib.sha256()
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}\n".encode())
-            if path.name == "config.json":
-                digest.update(path.read_bytes())
-        return digest.hexdigest()[:16]
-    return f"{backend.engine}:{backend.model_name}:{getattr(backend, 'base_url', '')}"
 
 
 def _key(
@@ -206,8 +191,8 @@ def _results(
     reused: int,
     limit: int | None,
 ) -> dict[str, Any]:
-    from medlens.eval.metrics import METRICS, item_scores
-    from medlens.eval.stats import bootstrap_ci
+    from medlens.metrics.functions import METRICS, item_scores
+    from medlens.metrics.stats import bootstrap_ci
 
     predictions = [s["prediction"] for s in samples]
     targets = [s["target"] for s in samples]
@@ -248,16 +233,22 @@ def _results(
 
 
 def _add_judge(
-    results: dict[str, Any], samples: list[dict[str, Any]], judge: str | Backend, engine: str, out: Path, n: int
+    results: dict[str, Any],
+    samples: list[dict[str, Any]],
+    judge: str | Backend,
+    engine: str,
+    backend_options: dict[str, Any],
+    out: Path,
+    n: int,
 ) -> None:
     """Grade every prediction with the judge model; adds the ``judge_match`` metric and per-item verdicts."""
     from medlens.eval.judge import judge_verdicts
-    from medlens.eval.metrics import accuracy
-    from medlens.eval.stats import bootstrap_ci
+    from medlens.metrics.functions import accuracy
+    from medlens.metrics.stats import bootstrap_ci
 
-    judge_backend = judge if isinstance(judge, Backend) else load_backend(judge, engine)
+    judge_backend = judge if isinstance(judge, Backend) else load_backend(judge, engine, **backend_options)
     with Journal(out) as journal:
-        verdicts = judge_verdicts(samples, judge_backend, model_revision(judge_backend), journal)
+        verdicts = judge_verdicts(samples, judge_backend, judge_backend.revision, journal)
     interval = bootstrap_ci(accuracy, verdicts, ["yes"] * len(verdicts), n_resamples=n)
     results["metrics"]["judge_match"] = {
         "value": _finite(interval.value),
@@ -284,17 +275,3 @@ def _versions() -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             out[package] = version(package)
     return out
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)

@@ -28,6 +28,17 @@ OPENSLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", 
 TIFFSLIDE_FIRST_SUFFIXES = (".svs", ".tif", ".tiff")
 #: DICOM VL Whole Slide Microscopy Image Storage
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+#: Conventional conversion: magnification ~= 10 / microns-per-pixel (0.25 mpp ~ 40x, 0.5 mpp ~ 20x).
+_MPP_TIMES_MAGNIFICATION = 10.0
+
+
+def base_magnification(objective_power: float | None = None, mpp: float | None = None) -> float | None:
+    """The slide's level-0 magnification: ``objective_power`` if given, else ``10 / mpp``, else ``None``."""
+    if objective_power is not None and objective_power > 0:
+        return float(objective_power)
+    if mpp is not None and mpp > 0:
+        return _MPP_TIMES_MAGNIFICATION / float(mpp)
+    return None
 
 
 @dataclass(frozen=True)
@@ -60,8 +71,6 @@ class Slide(ABC):
     @property
     def base_magnification(self) -> float | None:
         """Level-0 magnification: the objective power, else 10 / mpp, else unknown."""
-        from medlens.prep.wsi import base_magnification
-
         return base_magnification(self.objective_power, self.mpp)
 
     def magnification(self, level: int) -> float | None:

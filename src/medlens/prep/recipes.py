@@ -7,13 +7,14 @@ No resizing happens here (the model's processor resizes) and nothing is JPEG-enc
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from medlens.io.types import ImageStack, SliceRef
+from medlens.io.types import ImageStack
+from medlens.prep.prepared import Prepared
 from medlens.prep.sampling import MEDGEMMA_MAX_SLICES, sample_indices
+from medlens.prep.slide_recipe import prepare_slide
 from medlens.prep.windows import (
     apply_voi,
     ct_to_rgb,
@@ -25,8 +26,10 @@ from medlens.registry import Registry
 
 FamilyFn = Callable[[ImageStack, list[int]], np.ndarray]
 #: (slide spec, recipe name, SlideOptions | None, progress) -> Prepared, for whole-slide images
-SlideFn = Callable[..., "Prepared"]
+SlideFn = Callable[..., Prepared]
 
+#: the recipe used when none is named
+DEFAULT_RECIPE = "medgemma-1.5"
 #: DICOM modality -> image family; anything else grey is a 2-D picture ("radiograph")
 MODALITY_FAMILY = {"CT": "ct", "MR": "mr", "PT": "mr", "NM": "mr"}
 #: modalities MedGemma 1.5 was trained on as volumes
@@ -47,57 +50,6 @@ class Recipe:
     min_volume_slices: int = 5
 
 
-@dataclass
-class Prepared:
-    """The images in prompt order, where each came from, and what the user should know."""
-
-    recipe: str
-    modality: str
-    family: str
-    images: list[np.ndarray]
-    slices: list[SliceRef]
-    source: str
-    series_uid: str | None
-    n_source_slices: int
-    warnings: list[str] = field(default_factory=list)
-    acquired: str | None = None  # when the study was made (YYYYMMDDHHMMSS), from the DICOM header
-    #: per-image manifest entries when the images are not slices (whole-slide patches), prompt order
-    image_meta: list[dict[str, Any]] | None = None
-    #: recipe facts for the manifest and the prompt (whole slides: magnification, level, tissue ...)
-    meta: dict[str, Any] = field(default_factory=dict)
-    #: a picture of what was chosen (whole slides: thumbnail, tissue mask, patch outlines), RGB uint8
-    overview: np.ndarray | None = None
-
-    @property
-    def is_volume(self) -> bool:
-        return len(self.images) > 1 and self.family in ("ct", "mr")
-
-    def manifest(self, files: list[str]) -> dict[str, Any]:
-        """The ``manifest.json`` of ``medlens prepare`` (image files given in prompt order)."""
-        if self.image_meta is not None:
-            return {
-                "recipe": self.recipe,
-                "modality": self.modality,
-                "family": self.family,
-                "source": self.source,
-                **self.meta,
-                "images": [{"file": f, **m} for f, m in zip(files, self.image_meta, strict=True)],
-                "warnings": self.warnings,
-            }
-        return {
-            "recipe": self.recipe,
-            "modality": self.modality,
-            "family": self.family,
-            "series_uid": self.series_uid,
-            "n_source_slices": self.n_source_slices,
-            "images": [
-                {"file": f, "source": s.file, "sop_instance_uid": s.sop_instance_uid, "frame": s.frame, "z": s.z}
-                for f, s in zip(files, self.slices, strict=True)
-            ],
-            "warnings": self.warnings,
-        }
-
-
 RECIPES: Registry[Recipe] = Registry("recipe")
 
 
@@ -107,7 +59,7 @@ def family_of(stack: ImageStack) -> str:
     return MODALITY_FAMILY.get(stack.modality.upper(), "radiograph")
 
 
-def prepare(stack: ImageStack, recipe: str = "medgemma-1.5") -> Prepared:
+def prepare(stack: ImageStack, recipe: str = DEFAULT_RECIPE) -> Prepared:
     """Apply ``recipe`` to ``stack``: sample slices, decode only those, map intensities to RGB uint8."""
     spec = RECIPES.get(recipe)
     family = family_of(stack)
@@ -179,12 +131,6 @@ def _color(stack: ImageStack, indices: list[int]) -> np.ndarray:
     return stack.load(indices)
 
 
-def _slide(spec, recipe, options=None, progress=None) -> Prepared:
-    from medlens.prep.slide_recipe import prepare_slide
-
-    return prepare_slide(spec, recipe, options, progress)
-
-
 RECIPES.add(
     "medgemma-1.5",
     Recipe(
@@ -195,6 +141,6 @@ RECIPES.add(
             "whole slides as at most 126 896x896 tissue patches at 5x/10x/20x (HSV tissue mask at ~5x)"
         ),
         families={"ct": _ct, "mr": _volume_minmax, "radiograph": _radiograph, "color": _color},
-        slide=_slide,
+        slide=prepare_slide,
     ),
 )

@@ -25,7 +25,7 @@ from medlens.io.slide_workers import (
     read_regions,
 )
 from medlens.io.types import SliceRef
-from medlens.prep.recipes import Prepared
+from medlens.prep.prepared import Prepared
 from medlens.prep.wsi import (
     DEFAULT_WSI_MAGNIFICATION,
     MASK_MAGNIFICATION,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medlens.io.slide import base_magnification
+
 #: Patch side in pixels at the chosen magnification (the model's input size).
 WSI_PATCH_SIZE = 896
 #: At most this many patches per slide (126 x 256 tokens fits the context).
@@ -23,8 +25,6 @@ WSI_MAGNIFICATIONS: tuple[float, ...] = (5.0, 10.0, 20.0)
 DEFAULT_WSI_MAGNIFICATION = 20.0
 #: Magnification of the thumbnail the tissue mask is computed on.
 MASK_MAGNIFICATION = 5.0
-#: Conventional conversion: magnification ~= 10 / microns-per-pixel (0.25 mpp ~ 40x, 0.5 mpp ~ 20x).
-_MPP_TIMES_MAGNIFICATION = 10.0
 
 
 @dataclass(frozen=True)
@@ -228,15 +228,6 @@ def sample_patches(patches: Sequence[PatchBox], max_patches: int = WSI_MAX_PATCH
 # --------------------------------------------------------------------------------------------------------------
 # Magnification and pyramid level
 # --------------------------------------------------------------------------------------------------------------
-
-
-def base_magnification(objective_power: float | None = None, mpp: float | None = None) -> float | None:
-    """The slide's level-0 magnification: ``objective_power`` if given, else ``10 / mpp``, else ``None``."""
-    if objective_power is not None and objective_power > 0:
-        return float(objective_power)
-    if mpp is not None and mpp > 0:
-        return _MPP_TIMES_MAGNIFICATION / float(mpp)
-    return None
 
 
 def choose_magnification(

@@ -14,7 +14,7 @@ import numpy as np
 
 from medlens import __version__
 from medlens.errors import InputError, NotFoundError
-from medlens.siglip.atomic import write_atomic
+from medlens.files import write_atomic
 from medlens.siglip.zeroshot import pool_embeddings
 
 _REQUIRED = ("embeddings", "sources", "images", "labels", "model", "fingerprint")

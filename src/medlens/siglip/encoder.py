@@ -8,56 +8,21 @@ gives other embeddings than the published ones. torch and transformers are impor
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from medlens.errors import BackendUnavailableError, MedlensError, ModelNotAvailableError
+from medlens.errors import ModelNotAvailableError
+from medlens.models import EMBED, model_fingerprint, resolve_model, select_device, select_dtype
+from medlens.models.hf import hushed_warnings, import_torch_transformers, loader_errors, progress_bars
+from medlens.models.resolve import DOWNLOAD_HINTS
 from medlens.prep.siglip import medsiglip_pixels
-from medlens.siglip.models import resolve_siglip
 
 #: MedSigLIP's text length; every text is padded (or truncated) to it
 TEXT_TOKENS = 64
-#: name -> torch dtype attribute
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 Progress = Callable[[int, int], None]
-
-
-def _import_torch_transformers() -> tuple[Any, Any]:
-    try:
-        import torch
-        import transformers
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"MedSigLIP needs torch and transformers ({exc.name} is missing): pip install 'medlens[models]'"
-        ) from None
-    return torch, transformers
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """transformers' own SigLIP config defaults (bos 49406 in a 32000 vocabulary) warn on every load: hush it."""
-    from transformers.utils import logging as hf_logging
-
-    before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(before)
-
-
-def _pick_device(torch: Any, device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MedlensError(f"device {device!r} was asked for but no CUDA GPU is available (use --device cpu)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise MedlensError(f"unknown device {device!r} (cpu, cuda, cuda:N or auto)")
-    return device
 
 
 def normalize_rows(values: np.ndarray) -> np.ndarray:
@@ -75,37 +40,29 @@ def _pooled(output: Any) -> Any:
 class SiglipEncoder:
     """A loaded SigLIP model (MedSigLIP or ``test-tiny-siglip``) that embeds images and texts."""
 
-    def __init__(self, model: str = "test-tiny-siglip", device: str = "cpu", dtype: str = "float32") -> None:
-        from medlens.backends.transformers_backend import progress_bars
-        from medlens.siglip.models import model_fingerprint
-
-        torch, transformers = _import_torch_transformers()
+    def __init__(
+        self,
+        model: str = "test-tiny-siglip",
+        device: str = "auto",
+        dtype: str = "auto",
+        attn_implementation: str | None = None,
+    ) -> None:
+        torch, transformers = import_torch_transformers("MedSigLIP")
         self._torch = torch
-        if dtype not in DTYPES:
-            raise MedlensError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
-        self.device = _pick_device(torch, device)
-        self.dtype = getattr(torch, DTYPES[dtype])
-        source = resolve_siglip(model)
+        self.device = select_device(torch, device)
+        self.dtype = select_dtype(torch, dtype, self.device)
+        source = resolve_model(model, EMBED)
         self.name = source.name
-        self.directory = source.directory
+        self.directory = source.path
         self.is_test_model = source.is_test_model
         self.warning = source.warning
-        self.fingerprint = model_fingerprint(source.directory)
-        with progress_bars(False), _quiet_transformers():
-            try:
-                self.model = transformers.SiglipModel.from_pretrained(
-                    source.directory, dtype=self.dtype, local_files_only=True
-                )
-                self.tokenizer = transformers.AutoTokenizer.from_pretrained(source.directory, local_files_only=True)
-            except ImportError as exc:  # e.g. a SentencePiece-only tokenizer without the sentencepiece package
-                raise BackendUnavailableError(
-                    f"loading the SigLIP model needs a missing library ({exc})", str(source.directory)
-                ) from exc
-            except (OSError, ValueError) as exc:
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ModelNotAvailableError(
-                    f"could not load the SigLIP model ({reason})", str(source.directory)
-                ) from exc
+        self.fingerprint = model_fingerprint(source.path)
+        with progress_bars(False), hushed_warnings(), loader_errors(model, DOWNLOAD_HINTS[EMBED]):
+            options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            self.model = transformers.SiglipModel.from_pretrained(
+                source.path, dtype=self.dtype, local_files_only=True, **options
+            )
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(source.path, local_files_only=True)
         self.model.to(self.device).eval()
         config = self.model.config
         self.image_size = int(config.vision_config.image_size)
@@ -113,13 +70,13 @@ class SiglipEncoder:
         text_dim = int(getattr(config.text_config, "projection_size", None) or config.text_config.hidden_size)
         if text_dim != self.dim:
             raise ModelNotAvailableError(
-                f"text embeddings ({text_dim}) and image embeddings ({self.dim}) differ in size", str(source.directory)
+                f"text embeddings ({text_dim}) and image embeddings ({self.dim}) differ in size", str(source.path)
             )
         positions = int(config.text_config.max_position_embeddings)
         if positions < TEXT_TOKENS:
             raise ModelNotAvailableError(
                 f"the text tower takes {positions} positions, fewer than MedSigLIP's {TEXT_TOKENS}",
-                str(source.directory),
+                str(source.path),
             )
         self.logit_scale = float(self.model.logit_scale.detach().float().exp().item())
         self.logit_bias = float(self.model.logit_bias.detach().float().item())

@@ -27,7 +27,7 @@ import numpy as np
 
 from medlens import __version__
 from medlens.errors import CorruptFileError, MedlensError, NotFoundError
-from medlens.siglip.atomic import write_atomic
+from medlens.files import write_atomic, write_json_atomic, write_text_atomic
 from medlens.siglip.encoder import normalize_rows
 
 INDEX_FORMAT = "medlens-siglip-index"
@@ -78,10 +78,6 @@ class AddResult:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    write_atomic(path, lambda h: h.write((json.dumps(value, indent=2) + "\n").encode()))
 
 
 @contextlib.contextmanager
@@ -143,7 +139,7 @@ class SiglipIndex:
         with _locked(directory):
             if (directory / META_FILE).exists():  # another process created it meanwhile
                 return cls.open(directory)
-            _write_json(directory / META_FILE, meta)
+            write_json_atomic(directory / META_FILE, meta)
         return cls(directory, meta)
 
     @classmethod
@@ -281,14 +277,14 @@ class SiglipIndex:
         items = [IndexItem(e.source, e.image, e.label, e.note, first + i) for i, e in enumerate(entries)]
         lines = "".join(json.dumps(asdict(item), ensure_ascii=False) + "\n" for item in items)
         write_atomic(folder / f"{name}.npy", lambda h: np.save(h, vectors, allow_pickle=False))
-        write_atomic(folder / f"{name}.jsonl", lambda h: h.write(lines.encode()))
+        write_text_atomic(folder / f"{name}.jsonl", lines)
         meta = {
             **self._meta,
             "count": first + len(items),
             "updated": _now(),
             "shards": [*shards, {"name": name, "rows": len(items)}],
         }
-        _write_json(self.directory / META_FILE, meta)  # the commit point
+        write_json_atomic(self.directory / META_FILE, meta)  # the commit point
         self._meta = meta
         self._embeddings = np.concatenate([self.embeddings, vectors]) if self._embeddings is not None else None
         self._items = [*self._items, *items] if self._items is not None else None

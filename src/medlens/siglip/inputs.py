@@ -1,4 +1,4 @@
-"""Inputs of the MedSigLIP commands: studies (anything ``medlens.api.prepare_study`` reads) and CSV lists of
+"""Inputs of the MedSigLIP commands: studies (anything ``medlens.prep.prepare_study`` reads) and CSV lists of
 them (columns ``path,label``, paths relative to the CSV), embedded one study at a time."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from medlens.errors import InputError, NotFoundError
-from medlens.prep import DEFAULT_RECIPE
+from medlens.prep import DEFAULT_RECIPE, prepare_study
 from medlens.progress import Reporter
 from medlens.siglip.encoder import SiglipEncoder
 from medlens.siglip.zeroshot import pool_embeddings
@@ -107,9 +107,7 @@ def embed_studies(
     modality: str | None = None,
     reporter: Reporter | None = None,
 ) -> Iterator[EmbeddedStudy]:
-    """Read each study with :func:`medlens.api.prepare_study` and embed its images, one study at a time."""
-    from medlens.api import prepare_study
-
+    """Read each study with :func:`medlens.prep.prepare_study` and embed its images, one study at a time."""
     reporter = reporter or Reporter(False)
     with reporter.stage("Embedding studies", total=len(refs)) as update:
         for done, ref in enumerate(refs, start=1):

@@ -1,5 +1,5 @@
 """Linear probe on MedSigLIP embeddings: logistic regression, stratified k-fold cross-validation, and the
-metrics of the out-of-fold predictions with 95% bootstrap intervals from :mod:`medlens.eval.stats`.
+metrics of the out-of-fold predictions with 95% bootstrap intervals from :mod:`medlens.metrics.stats`.
 
 Every item is predicted by a model that never saw it, so the metrics estimate performance on new studies of
 the same kind. The fitted probe (on all items) is saved as plain arrays (``.npz``, no pickle): features are
@@ -19,10 +19,10 @@ import numpy as np
 
 from medlens import __version__
 from medlens.errors import InputError, MedlensError
-from medlens.eval.metrics import MetricFn, accuracy, multilabel_f1_macro
-from medlens.eval.stats import bootstrap_ci
+from medlens.files import write_atomic
+from medlens.metrics.functions import MetricFn, accuracy, multilabel_f1_macro
+from medlens.metrics.stats import bootstrap_ci
 from medlens.registry import Registry
-from medlens.siglip.atomic import write_atomic
 from medlens.siglip.zeroshot import sigmoid, softmax
 
 DEFAULT_FOLDS = 5

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 from medlens.registry import Registry
-from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions, TaskRequest
+from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOption, TaskOptions, TaskRequest
 
 #: task name -> "module:Class"
 TASKS: Registry[str] = Registry("task")
@@ -24,10 +24,26 @@ for _name, _target in {
     TASKS.add(_name, _target)
 
 
-def get_task(name: str) -> Task:
-    """An instance of the task registered as ``name`` (did-you-mean error otherwise)."""
+def task_class(name: str) -> type[Task]:
+    """The class of the task registered as ``name`` (did-you-mean error otherwise)."""
     module, _, attr = TASKS.get(name).partition(":")
-    return getattr(importlib.import_module(module), attr)()
+    return getattr(importlib.import_module(module), attr)
 
 
-__all__ = ["TASKS", "ParseError", "Parsed", "Task", "TaskBuild", "TaskOptions", "TaskRequest", "get_task"]
+def get_task(name: str) -> Task:
+    """An instance of the task registered as ``name``."""
+    return task_class(name)()
+
+
+__all__ = [
+    "TASKS",
+    "ParseError",
+    "Parsed",
+    "Task",
+    "TaskBuild",
+    "TaskOption",
+    "TaskOptions",
+    "TaskRequest",
+    "get_task",
+    "task_class",
+]

@@ -13,25 +13,47 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from medlens.chat import Messages
+from medlens.prep.recipes import DEFAULT_RECIPE
 from medlens.prep.slide_recipe import SlideOptions
 
 
 @dataclass
 class TaskOptions:
-    """Everything a user can set for a task run (CLI options map one to one)."""
+    """Everything a user can set for a task run. The task-specific fields are those tasks declare as
+    :class:`TaskOption` (the CLI makes one flag of each); a new task's own settings go in ``extra``."""
 
-    recipe: str = "medgemma-1.5"
+    recipe: str = DEFAULT_RECIPE
     series: str | None = None
     modality: str | None = None
     instruction: str | None = None
     thinking: bool = False
     max_new_tokens: int | None = None
-    overlay: Path | None = None  # localize: write the boxes drawn on the image here
-    dpi: int = 150  # lab-extract: PDF pages are rendered at this resolution
-    token_budget: int = 6000  # ehr-qa: the patient summary must fit this many tokens
-    reasoner: str | None = None  # differential: the text model of stage 2 (default: the same model)
+    overlay: Path | None = None  # localize
+    dpi: int = 150  # lab-extract
+    token_budget: int = 6000  # ehr-qa
+    reasoner: str | None = None  # differential
     slide: SlideOptions = field(default_factory=SlideOptions)  # whole-slide images: magnification, tissue ...
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskOption:
+    """A setting only some tasks use, declared by the task (``Task.options``): a :class:`TaskOptions` field
+    or, for names that are none, a key of ``TaskOptions.extra``. ``medlens ask`` shows it as ``--name``."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    min: float | None = None
+    max: float | None = None
+
+    def apply(self, options: TaskOptions, value: Any) -> None:
+        """Set ``value`` on ``options`` (its field, else ``extra``)."""
+        if self.name in TaskOptions.__dataclass_fields__:
+            setattr(options, self.name, value)
+        else:
+            options.extra[self.name] = value
 
 
 @dataclass
@@ -77,6 +99,8 @@ class Task(ABC):
     max_inputs: ClassVar[int] = 1
     #: used when the user gives no question; None means a question is required
     default_question: ClassVar[str | None] = ""
+    #: the task's own settings (beyond recipe, series, instruction, thinking ...)
+    options: ClassVar[tuple[TaskOption, ...]] = ()
 
     @abstractmethod
     def build(self, inputs: list[Path], question: str, options: TaskOptions) -> TaskBuild:

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medlens.api import prepare_study
 from medlens.errors import MedlensError
+from medlens.prep import prepare_study
 from medlens.prompts import image_messages, split_thinking
 from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions, TaskRequest
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from medlens.prompts import text_messages
-from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions, TaskRequest
+from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOption, TaskOptions, TaskRequest
 from medlens.tasks.jsonout import find_json
 from medlens.tasks.study import study_build
 
@@ -58,6 +58,9 @@ class Diagnosis(BaseModel):
 class DifferentialTask(Task):
     name = "differential"
     description = "Two stages: findings from the images (JSON), then a ranked differential citing them (--reasoner)"
+    options = (
+        TaskOption("reasoner", str | None, None, "Text model of stage 2 (default: the same model; same engine)."),
+    )
     default_question = ""
 
     def build(self, inputs: list[Path], question: str, options: TaskOptions) -> TaskBuild:

@@ -24,7 +24,7 @@ from typing import Any
 
 from medlens.io.fhir import ClinicalEntry, read_clinical
 from medlens.prompts import auto_final_answer, split_thinking, text_messages
-from medlens.tasks.base import Parsed, Task, TaskBuild, TaskOptions, TaskRequest
+from medlens.tasks.base import Parsed, Task, TaskBuild, TaskOption, TaskOptions, TaskRequest
 
 TokenCounter = Callable[[str], int]
 
@@ -161,6 +161,7 @@ def describe_cut(cut: dict[str, Any], total: int, budget: int) -> str | None:
 class EhrQuestionTask(Task):
     name = "ehr-qa"
     description = "A question about a patient's record (FHIR R4 Bundle or plain-text notes), summarised to fit"
+    options = (TaskOption("token_budget", int, 6000, "Tokens the patient summary must fit in.", min=200),)
     default_question = None
 
     def __init__(self, count_tokens: TokenCounter | None = None) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -42,18 +40,3 @@ class Envelope(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     medlens_version: str = __version__
     disclaimer: str = DISCLAIMER
-
-
-def sha256_of(path: str | Path) -> str:
-    """SHA-256 of a file, or of a folder's sorted (relative name, file hash) list."""
-    path = Path(path)
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for child in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(f"{child.relative_to(path)}\0{sha256_of(child)}\n".encode())
-        return digest.hexdigest()
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

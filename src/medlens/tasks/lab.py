@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from medlens.prompts import image_messages, split_thinking
-from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions, TaskRequest
+from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOption, TaskOptions, TaskRequest
 from medlens.tasks.jsonout import cut_unfinished, find_json
 
 FIELDS = ("name", "result", "unit", "range", "panel", "method", "specimen", "sample_collection_time")
@@ -239,6 +239,7 @@ def dedupe(tests: list[LabTest]) -> tuple[list[LabTest], int]:
 class LabExtractTask(Task):
     name = "lab-extract"
     description = "Tests of a lab report (PDF or page image) as JSON rows or CSV; one request per page"
+    options = (TaskOption("dpi", int, 150, "Resolution PDF pages are rendered at.", min=50, max=600),)
     default_question = ""
 
     def build(self, inputs: list[Path], question: str, options: TaskOptions) -> TaskBuild:

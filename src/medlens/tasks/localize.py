@@ -3,7 +3,7 @@
 As in MedGemma's localization evaluation (design notes, section 3) the image is padded to a square and the
 model answers a JSON list of ``{"box_2d": [y0, x0, y1, x1], "label": ...}`` with coordinates normalised to
 0..1000 on that square; "left" is the patient's left. Boxes are also mapped back to pixels of the original
-image. :func:`iou` and :func:`mean_iou` score boxes against references (Chest ImaGenome reports mean IoU).
+image. Boxes are scored against references with :mod:`medlens.prep.boxes` (Chest ImaGenome reports mean IoU).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from medlens.api import prepare_study
 from medlens.errors import MedlensError
+from medlens.prep import prepare_study
 from medlens.prep.square import SCALE, Padding, pad_to_square, padding_for, to_pixels
 from medlens.prompts import image_messages
-from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions, TaskRequest
+from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOption, TaskOptions, TaskRequest
 from medlens.tasks.jsonout import FoundJSON, cut_unfinished, find_json
 from medlens.tasks.study import study_details
 
@@ -73,6 +73,7 @@ def localize_prompt(question: str) -> str:
 class LocalizeTask(Task):
     name = "localize"
     description = "Bounding boxes of structures or findings on one image (JSON box_2d, pixel boxes, --overlay)"
+    options = (TaskOption("overlay", Path | None, None, "Write the boxes drawn on the image to this PNG file."),)
     default_question = DEFAULT_QUESTION
 
     def __init__(self) -> None:
@@ -169,49 +170,6 @@ def draw_overlay(image: np.ndarray, boxes: Sequence[Mapping[str, Any]]) -> Any:
             draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=colour)
             draw.text((x0 + line, y0 + line), box["label"], fill=(0, 0, 0), font=font)
     return canvas
-
-
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two boxes ``[y0, x0, y1, x1]``.
-
-    The formula treats both axes alike, so pixel boxes ``[x0, y0, x1, y1]`` work too (both in the same
-    order). Inverted corners are reordered; two boxes without area give 0.0.
-    """
-    ay0, ax0, ay1, ax1 = _ordered(a)
-    by0, bx0, by1, bx1 = _ordered(b)
-    inter = max(0.0, min(ay1, by1) - max(ay0, by0)) * max(0.0, min(ax1, bx1) - max(ax0, bx0))
-    union = (ay1 - ay0) * (ax1 - ax0) + (by1 - by0) * (bx1 - bx0) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def mean_iou(
-    pred: Sequence[Mapping[str, Any]], target: Sequence[Mapping[str, Any]], by_label: bool = True, key: str = "box_2d"
-) -> float:
-    """Mean over the target boxes of the best IoU with a predicted box (0 when none matches).
-
-    Boxes are mappings with ``label`` and ``key`` (``box_2d``, or ``box_px`` for pixels). With ``by_label``
-    a target only matches predictions of the same label (case and spacing ignored); extra predictions
-    cost nothing. Raises ``ValueError`` when there are no targets.
-    """
-    if not target:
-        raise ValueError("mean_iou needs at least one target box")
-    scores = []
-    for t in target:
-        candidates = [p for p in pred if not by_label or _same_label(p.get("label"), t.get("label"))]
-        scores.append(max((iou(p[key], t[key]) for p in candidates), default=0.0))
-    return sum(scores) / len(scores)
-
-
-def _ordered(box: Sequence[float]) -> tuple[float, float, float, float]:
-    a0, b0, a1, b1 = (float(v) for v in box)
-    return min(a0, a1), min(b0, b1), max(a0, a1), max(b0, b1)
-
-
-def _same_label(a: Any, b: Any) -> bool:
-    def norm(label: Any) -> str:
-        return " ".join(str(label or "").split()).casefold()
-
-    return norm(a) == norm(b)
 
 
 def _padding(context: Mapping[str, Any]) -> Padding | None:

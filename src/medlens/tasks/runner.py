@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from medlens.backends import Backend, GenerationRequest, load_backend
 from medlens.errors import MedlensError
+from medlens.files import sha256_of
 from medlens.progress import Reporter, Timer
 from medlens.prompts import split_thinking
 from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions
-from medlens.tasks.envelope import Envelope, InputRef, sha256_of
+from medlens.tasks.envelope import Envelope, InputRef
 
 
 def check_inputs(task: Task, inputs: Sequence[Path], question: str | None) -> str:
@@ -73,8 +75,10 @@ def run_task(
     *,
     engine: str = "transformers",
     reporter: Reporter | None = None,
+    backend_options: dict[str, Any] | None = None,
 ) -> Envelope:
-    """The whole task: read, prepare, generate, parse; a parse failure is reported, not raised."""
+    """The whole task: read, prepare, generate, parse; a parse failure is reported, not raised.
+    ``backend_options`` go to :func:`~medlens.backends.load_backend` for the model (and the reasoner)."""
     options = options or TaskOptions()
     reporter = reporter or Reporter(False)
     timer = Timer()
@@ -82,13 +86,16 @@ def run_task(
     question = check_inputs(task, paths, question)
     with timer("read_prepare"), reporter.stage(f"Preparing ({task.name})"):
         build = task.build(paths, question, options)
-    backend = _backend(model, engine, timer, reporter)
+    options_for_engine = backend_options or {}
+    backend = _backend(model, engine, timer, reporter, options_for_engine)
     texts, envelope = generate(backend, build, options, timer, reporter)
     parsed = task.combine([parse_output(task, t, r.context) for t, r in zip(texts, build.requests, strict=True)])
     warnings = [*build.warnings, *parsed.warnings]
     second = task.second_stage(parsed, question, options) if not parsed.error else None
     if second is not None:
-        reasoner = _backend(options.reasoner, engine, timer, reporter) if options.reasoner else backend
+        reasoner = (
+            _backend(options.reasoner, engine, timer, reporter, options_for_engine) if options.reasoner else backend
+        )
         texts2, envelope2 = generate(reasoner, second, options, timer, reporter, stage="generate_stage2")
         parsed2 = task.combine([parse_output(task, t, r.context) for t, r in zip(texts2, second.requests, strict=True)])
         warnings += [*second.warnings, *parsed2.warnings]
@@ -141,8 +148,8 @@ def finalize(
     return envelope
 
 
-def _backend(model: str | Backend, engine: str, timer: Timer, reporter: Reporter) -> Backend:
+def _backend(model: str | Backend, engine: str, timer: Timer, reporter: Reporter, options: dict[str, Any]) -> Backend:
     if isinstance(model, Backend):
         return model
     with timer("load_model"), reporter.stage(f"Loading {model}"):
-        return load_backend(model, engine)
+        return load_backend(model, engine, **options)

@@ -6,8 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from medlens.api import prepare_study
-from medlens.prep import Prepared
+from medlens.prep import Prepared, prepare_study
 from medlens.privacy import short_hash
 from medlens.prompts import messages_for
 from medlens.tasks.base import TaskBuild, TaskOptions, TaskRequest

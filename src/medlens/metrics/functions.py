@@ -2,7 +2,7 @@
 
 Every metric is computed from :class:`Parts`: a few numbers per item (for example "correct" and "counted")
 whose sums, per group, determine the value. The metric functions reduce those sums once; the bootstrap in
-:mod:`medlens.eval.stats` reduces resampled sums, so an interval is the same metric recomputed on each
+:mod:`medlens.metrics.stats` reduces resampled sums, so an interval is the same metric recomputed on each
 resample (macro metrics included) without calling Python code per resample.
 
 Conventions (scikit-learn's ``zero_division=0``): an F1 whose precision and recall are both undefined (no
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from medlens.prep.boxes import mean_iou as boxes_mean_iou
 from medlens.registry import Registry
 
 MetricFn = Callable[..., float]
@@ -470,8 +471,6 @@ def normalized_match(predictions: Sequence, targets: Sequence, groups: Sequence 
 
 
 def _iou_item(prediction: Any, target: Any, by_label: bool, key: str) -> float | None:
-    from medlens.tasks.localize import mean_iou as boxes_mean_iou
-
     truth = [box for box in target or [] if _is_box(box, key)]
     if not truth:
         return None
@@ -495,7 +494,7 @@ def _mean_iou_parts(
 
 
 def mean_iou(predictions: Sequence, targets: Sequence, groups: Sequence | None = None, **options: Any) -> float:
-    """Mean over items of :func:`medlens.tasks.localize.mean_iou` (target boxes matched by label).
+    """Mean over items of :func:`medlens.prep.boxes.mean_iou` (target boxes matched by label).
 
     Each prediction and target is a list of ``{"label", "box_2d"}`` boxes. An item without a prediction
     scores 0; an item without target boxes is left out. Options ``by_label`` (True) and ``key`` ("box_2d").

@@ -1,23 +1,21 @@
 """MedSigLIP commands: ``medlens embed``, ``zeroshot``, ``probe`` and ``search add|query|info``.
 
-Import-light on purpose (``medlens.cli`` imports this module): numpy, torch, transformers and scikit-learn
-are imported inside the commands.
+Import-light on purpose (the ``medlens`` app imports this module): numpy, torch, transformers and
+scikit-learn are imported inside the commands.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from medlens import DISCLAIMER
+from medlens.cli.options import OUTPUT, STUDY, ModelChoice, Output, StudyChoice, model_group, print_json, uses
 from medlens.errors import InputError, MedlensError
-from medlens.prep import DEFAULT_RECIPE
 
 if TYPE_CHECKING:
-    from medlens.progress import Reporter
     from medlens.siglip.encoder import SiglipEncoder
     from medlens.siglip.index import SiglipIndex
     from medlens.siglip.inputs import EmbeddedStudy, InputRef
@@ -28,31 +26,18 @@ ADD_CHUNK = 64
 
 INPUTS_HELP = "Studies: DICOM file/folder/.zip, NIfTI, PNG/JPEG; or a CSV with columns path,label."
 InputsArg = Annotated[list[Path], typer.Argument(help=INPUTS_HELP)]
-ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="test-tiny-siglip, or a local MedSigLIP folder (google/medsiglip-448).")
-]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+MODEL_HELP = "test-tiny-siglip, or a local MedSigLIP folder (google/medsiglip-448)."
+MODEL = model_group(DEFAULT_MODEL, MODEL_HELP, engines=False)
 BatchOpt = Annotated[int, typer.Option(min=1, help="Images per forward pass.")]
-RecipeOpt = Annotated[str, typer.Option(help="Preparation recipe (CT windows, slice sampling ...).")]
-ModalityOpt = Annotated[str | None, typer.Option(help="CT, MR, CR ... for inputs without DICOM metadata.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (warnings are in the JSON output).")]
 
 
-def _reporter(quiet: bool) -> Reporter:
-    from medlens.progress import Reporter
-
-    return Reporter(enabled=not quiet)
-
-
-def _dump(value: Any, indent: int | None = 2) -> None:
-    typer.echo(json.dumps(value, indent=indent, ensure_ascii=False))
-
-
-def _encoder(model: str, device: str, dtype: str) -> SiglipEncoder:
+def _encoder(model: ModelChoice, name: str | None = None) -> SiglipEncoder:
+    """The encoder of ``name`` (default: the command's ``--model``) on the chosen device and dtype."""
+    from medlens.backends import check_engine_options
     from medlens.siglip.encoder import SiglipEncoder
 
-    return SiglipEncoder(model, device=device, dtype=dtype)
+    check_engine_options("MedSigLIP", SiglipEncoder, model.args)
+    return SiglipEncoder(name or model.name or DEFAULT_MODEL, device=model.device, dtype=model.dtype, **model.args)
 
 
 def _warnings(encoder: SiglipEncoder, *more: list[str]) -> list[str]:
@@ -63,29 +48,23 @@ def _warnings(encoder: SiglipEncoder, *more: list[str]) -> list[str]:
 
 
 def _studies(
-    encoder: SiglipEncoder,
-    refs: list[InputRef],
-    batch_size: int,
-    recipe: str,
-    modality: str | None,
-    quiet: bool,
+    encoder: SiglipEncoder, refs: list[InputRef], batch_size: int, study: StudyChoice, output: Output
 ) -> list[EmbeddedStudy]:
     from medlens.siglip.inputs import embed_studies
 
-    return list(embed_studies(encoder, refs, batch_size, recipe, None, modality, _reporter(quiet)))
+    return list(embed_studies(encoder, refs, batch_size, study.recipe, study.series, study.modality, output.reporter))
 
 
+@uses(MODEL, STUDY, OUTPUT)
 def embed(
     inputs: Annotated[list[Path] | None, typer.Argument(help=INPUTS_HELP)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The .npz file to write.")] = Path("embeddings.npz"),
     text: Annotated[list[str] | None, typer.Option("--text", "-t", help="Also embed this text (repeatable).")] = None,
-    model: ModelOpt = DEFAULT_MODEL,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
     batch_size: BatchOpt = 8,
-    recipe: RecipeOpt = DEFAULT_RECIPE,
-    modality: ModalityOpt = None,
-    quiet: QuietOpt = False,
+    *,
+    model: ModelChoice,
+    study: StudyChoice,
+    output: Output,
 ) -> None:
     """Write MedSigLIP embeddings (one per image, L2-normalised) of studies and texts to an .npz file."""
     import numpy as np
@@ -97,11 +76,10 @@ def embed(
     refs = expand_inputs(inputs or [])
     if not refs and not texts:
         raise MedlensError("nothing to embed: give studies and/or --text")
-    encoder = _encoder(model, device, dtype)
-    studies = _studies(encoder, refs, batch_size, recipe, modality, quiet)
-    dim = encoder.dim
+    encoder = _encoder(model)
+    studies = _studies(encoder, refs, batch_size, study, output)
     result = EmbeddingFile(
-        embeddings=np.concatenate([np.zeros((0, dim), np.float32)] + [s.embeddings for s in studies]),
+        embeddings=np.concatenate([np.zeros((0, encoder.dim), np.float32)] + [s.embeddings for s in studies]),
         sources=[s.ref.source for s in studies for _ in range(s.n_images)],
         images=[i for s in studies for i in range(1, s.n_images + 1)],
         labels=[s.ref.label or "" for s in studies for _ in range(s.n_images)],
@@ -111,7 +89,7 @@ def embed(
         text_embeddings=encoder.embed_texts(texts),
     )
     path = result.save(out)
-    _dump(
+    print_json(
         {
             "out": str(path),
             **encoder.info(),
@@ -124,6 +102,7 @@ def embed(
     )
 
 
+@uses(MODEL, STUDY, OUTPUT)
 def zeroshot(
     inputs: InputsArg,
     label: Annotated[list[str], typer.Option("--label", "-l", help="A class label (repeat for each class).")],
@@ -131,13 +110,11 @@ def zeroshot(
         str, typer.Option(help="Text prompt of a label, e.g. 'a chest X-ray showing {label}'.")
     ] = "{label}",
     per_image: Annotated[bool, typer.Option("--per-image", help="Also score every image of a study.")] = False,
-    model: ModelOpt = DEFAULT_MODEL,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
     batch_size: BatchOpt = 8,
-    recipe: RecipeOpt = DEFAULT_RECIPE,
-    modality: ModalityOpt = None,
-    quiet: QuietOpt = False,
+    *,
+    model: ModelChoice,
+    study: StudyChoice,
+    output: Output,
 ) -> None:
     """Zero-shot classification of each study among the labels; prints one JSON object per study (JSON Lines)."""
     from medlens.siglip.inputs import embed_studies, expand_inputs
@@ -146,31 +123,33 @@ def zeroshot(
     labels = clean_labels(label)
     prompts = label_prompts(labels, template)
     refs = expand_inputs(inputs)
-    encoder = _encoder(model, device, dtype)
+    encoder = _encoder(model)
     text_embeddings = encoder.embed_texts(prompts)
-    for study in embed_studies(encoder, refs, batch_size, recipe, None, modality, _reporter(quiet)):
-        scores = zero_shot_scores(encoder.logits(study.pooled(), text_embeddings)[0], labels)
+    embedded = embed_studies(encoder, refs, batch_size, study.recipe, study.series, study.modality, output.reporter)
+    for one in embedded:
+        scores = zero_shot_scores(encoder.logits(one.pooled(), text_embeddings)[0], labels)
         result: dict[str, Any] = {
-            "input": study.ref.source,
-            "n_images": study.n_images,
+            "input": one.ref.source,
+            "n_images": one.n_images,
             **scores.as_dict(),
             "prompts": dict(zip(labels, prompts, strict=True)),
         }
-        if study.ref.label is not None:
-            result["true_label"] = study.ref.label
+        if one.ref.label is not None:
+            result["true_label"] = one.ref.label
         if per_image:
-            logits = encoder.logits(study.embeddings, text_embeddings)
+            logits = encoder.logits(one.embeddings, text_embeddings)
             result["images"] = [
                 {"image": i, **zero_shot_scores(row, labels).as_dict()} for i, row in enumerate(logits, start=1)
             ]
         result.update(
             model=encoder.name,
-            warnings=_warnings(encoder, study.warnings, scores.warnings),
+            warnings=_warnings(encoder, one.warnings, scores.warnings),
             disclaimer=DISCLAIMER,
         )
-        _dump(result, indent=None)
+        print_json(result, indent=None)
 
 
+@uses(MODEL, STUDY, OUTPUT)
 def probe(
     data: Annotated[
         Path, typer.Argument(help="CSV with columns path,label (paths relative to it), or an .npz of `medlens embed`.")
@@ -180,18 +159,16 @@ def probe(
     seed: Annotated[int, typer.Option(help="Seed of the fold split and the bootstrap.")] = 0,
     resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the intervals.")] = 2000,
     save: Annotated[Path | None, typer.Option(help="Write the probe fitted on all studies (.npz).")] = None,
-    model: ModelOpt = DEFAULT_MODEL,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
     batch_size: BatchOpt = 8,
-    recipe: RecipeOpt = DEFAULT_RECIPE,
-    modality: ModalityOpt = None,
-    quiet: QuietOpt = False,
+    *,
+    model: ModelChoice,
+    study: StudyChoice,
+    output: Output,
 ) -> None:
     """Linear probe (logistic regression) on study embeddings, cross-validated; prints metrics with 95% CIs."""
     from medlens.siglip.probe import cross_validate, fit_probe
 
-    features, labels, info, warnings = _probe_data(data, model, device, dtype, batch_size, recipe, modality, quiet)
+    features, labels, info, warnings = _probe_data(data, model, batch_size, study, output)
     report = cross_validate(features, labels, folds=folds, c=c, seed=seed, n_resamples=resamples)
     result: dict[str, Any] = {"data": str(data), **info, **report.as_dict()}
     if save is not None:
@@ -199,18 +176,11 @@ def probe(
         result["saved"] = str(fitted.save(save))
     result["warnings"] = [*warnings, *report.warnings]
     result["disclaimer"] = DISCLAIMER
-    _dump(result)
+    print_json(result)
 
 
 def _probe_data(
-    data: Path,
-    model: str,
-    device: str,
-    dtype: str,
-    batch_size: int,
-    recipe: str,
-    modality: str | None,
-    quiet: bool,
+    data: Path, model: ModelChoice, batch_size: int, study: StudyChoice, output: Output
 ) -> tuple[Any, list[str], dict[str, Any], list[str]]:
     """One pooled embedding and one label per study, from a CSV (embedded now) or an embed .npz."""
     import numpy as np
@@ -231,8 +201,8 @@ def _probe_data(
     from medlens.siglip.inputs import read_label_csv
 
     refs = read_label_csv(data, require_label=True)
-    encoder = _encoder(model, device, dtype)
-    studies = _studies(encoder, refs, batch_size, recipe, modality, quiet)
+    encoder = _encoder(model)
+    studies = _studies(encoder, refs, batch_size, study, output)
     features = np.stack([s.pooled() for s in studies])
     labels = [s.ref.label or "" for s in studies]
     info = {"model": encoder.name, "fingerprint": encoder.fingerprint, "dim": encoder.dim}
@@ -248,34 +218,30 @@ search_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 IndexArg = Annotated[Path, typer.Argument(help="Index folder.")]
-IndexModelOpt = Annotated[
-    str | None,
-    typer.Option("--model", "-m", help=f"Model (default: the index's own; {DEFAULT_MODEL} for a new index)."),
-]
+INDEX_MODEL = model_group(None, f"Model (default: the index's own; {DEFAULT_MODEL} for a new index).", engines=False)
 
 
 @search_app.command("add")
+@uses(INDEX_MODEL, STUDY, OUTPUT)
 def search_add(
     index: IndexArg,
     inputs: InputsArg,
     label: Annotated[str | None, typer.Option(help="Label of the studies (a CSV's own labels win).")] = None,
     note: Annotated[str | None, typer.Option(help="A note stored with the studies.")] = None,
-    model: IndexModelOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
     batch_size: BatchOpt = 8,
-    recipe: RecipeOpt = DEFAULT_RECIPE,
-    modality: ModalityOpt = None,
-    quiet: QuietOpt = False,
+    *,
+    model: ModelChoice,
+    study: StudyChoice,
+    output: Output,
 ) -> None:
     """Add studies (one embedding per image) to the index, creating it if needed; already indexed ones are skipped."""
     import numpy as np
 
     from medlens.siglip.index import IndexEntry, SiglipIndex
-    from medlens.siglip.inputs import InputRef, embed_studies, expand_inputs
+    from medlens.siglip.inputs import InputRef, expand_inputs
 
     existing = _open_index(index)
-    encoder = _encoder(model or (existing.model if existing else DEFAULT_MODEL), device, dtype)
+    encoder = _encoder(model, model.name or (existing.model if existing else DEFAULT_MODEL))
     if existing is not None:
         existing.check_compatible(encoder.name, encoder.fingerprint, encoder.dim)
     indexed = existing.sources() if existing is not None else set()
@@ -284,8 +250,7 @@ def search_add(
     added = skipped = 0
     notes: list[str] = []
     for start in range(0, len(todo), ADD_CHUNK):
-        chunk = todo[start : start + ADD_CHUNK]
-        studies = list(embed_studies(encoder, chunk, batch_size, recipe, None, modality, _reporter(quiet)))
+        studies = _studies(encoder, todo[start : start + ADD_CHUNK], batch_size, study, output)
         vectors = np.concatenate([s.embeddings for s in studies])
         entries = [IndexEntry(s.ref.source, i, s.ref.label, note) for s in studies for i in range(1, s.n_images + 1)]
         # created only once the first studies are read, so a bad input leaves no empty index behind
@@ -294,7 +259,7 @@ def search_add(
         added, skipped = added + outcome.added, skipped + outcome.skipped
         notes.extend(w for s in studies for w in s.warnings)
     store = SiglipIndex.open_or_create(index, encoder.name, encoder.fingerprint, encoder.dim)
-    _dump(
+    print_json(
         {
             "index": str(index),
             "model": store.model,
@@ -309,17 +274,16 @@ def search_add(
 
 
 @search_app.command("query")
+@uses(INDEX_MODEL, STUDY, OUTPUT)
 def search_query(
     index: IndexArg,
     input: Annotated[Path | None, typer.Argument(help="A study to find similar cases for.")] = None,
     text: Annotated[str | None, typer.Option("--text", help="Search by a text description instead.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many results.")] = 5,
-    model: IndexModelOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    recipe: RecipeOpt = DEFAULT_RECIPE,
-    modality: ModalityOpt = None,
-    quiet: QuietOpt = False,
+    *,
+    model: ModelChoice,
+    study: StudyChoice,
+    output: Output,
 ) -> None:
     """The indexed images most similar (cosine) to a study (mean of its image embeddings) or to a text."""
     from medlens.siglip.index import SiglipIndex
@@ -328,17 +292,19 @@ def search_query(
     if (input is None) == (text is None):
         raise MedlensError("give either a study to search with or --text, not both or neither")
     store = SiglipIndex.open(index)
-    encoder = _encoder(model or store.model, device, dtype)
+    encoder = _encoder(model, model.name or store.model)
     store.check_compatible(encoder.name, encoder.fingerprint, encoder.dim)
     notes: list[str] = []
     if input is not None:
-        (study,) = embed_studies(encoder, [InputRef(input)], recipe=recipe, modality=modality)
-        vector, query = study.pooled(), {"input": str(input), "n_images": study.n_images}
-        notes = study.warnings
+        (one,) = embed_studies(
+            encoder, [InputRef(input)], recipe=study.recipe, series=study.series, modality=study.modality
+        )
+        vector, query = one.pooled(), {"input": str(input), "n_images": one.n_images}
+        notes = one.warnings
     else:
         vector, query = encoder.embed_texts([text or ""])[0], {"text": text}
     hits = store.search(vector, top_k)
-    _dump(
+    print_json(
         {
             "index": str(index),
             "model": store.model,
@@ -355,7 +321,7 @@ def search_info(index: IndexArg) -> None:
     """What the index holds: model, dimension, number of images and studies, labels."""
     from medlens.siglip.index import SiglipIndex
 
-    _dump(SiglipIndex.open(index).info())
+    print_json(SiglipIndex.open(index).info())
 
 
 def _open_index(index: Path) -> SiglipIndex | None:

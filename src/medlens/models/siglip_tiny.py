@@ -8,14 +8,13 @@ noise; it exists to test the plumbing quickly on a CPU.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
-from medlens.backends.models import MARKER_FILE, build_once, medlens_cache_dir
-from medlens.siglip.models import TINY_SIGLIP_WARNING
+from medlens.models.builtins import TINY_SIGLIP_WARNING
+from medlens.models.cache import build_once, models_dir, write_marker
 
 #: bump when anything below changes what gets built; the cache directory name carries it
 TINY_SIGLIP_VERSION = 1
@@ -44,8 +43,7 @@ an mri of the brain. no acute intracranial hemorrhage. a fracture of the wrist. 
 
 def tiny_siglip_dir(cache: str | os.PathLike[str] | None = None) -> Path:
     """Where the tiny model lives: ``$MEDLENS_CACHE/models/test-tiny-siglip-v<N>``."""
-    root = Path(cache) if cache is not None else medlens_cache_dir()
-    return root / "models" / f"{TINY_SIGLIP_NAME}-v{TINY_SIGLIP_VERSION}"
+    return models_dir(cache) / f"{TINY_SIGLIP_NAME}-v{TINY_SIGLIP_VERSION}"
 
 
 def ensure_tiny_siglip(cache: str | os.PathLike[str] | None = None) -> Path:
@@ -55,7 +53,7 @@ def ensure_tiny_siglip(cache: str | os.PathLike[str] | None = None) -> Path:
 
 def save_tiny_siglip(directory: str | os.PathLike[str]) -> None:
     """Build the tokenizer and the model and ``save_pretrained`` both into ``directory``."""
-    from medlens.backends.transformers_backend import progress_bars
+    from medlens.models.hf import progress_bars
 
     directory = Path(directory)
     tokenizer = build_tokenizer()
@@ -69,8 +67,7 @@ def save_tiny_siglip(directory: str | os.PathLike[str]) -> None:
         "is_test_model": True,
         "warning": TINY_SIGLIP_WARNING,
     }
-    # written last: its presence means the directory is complete
-    (directory / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_marker(directory, info)  # last: its presence means the directory is complete
 
 
 def build_tokenizer() -> Any:

@@ -3,7 +3,7 @@ and the number of paired items needed to tell two models apart.
 
 The bootstrap resamples ITEMS with replacement and recomputes the metric on every resample, so macro
 metrics (per condition, per label) are recomputed, not averaged from item scores. Registered metrics are
-recomputed from resampled sums of their :class:`~medlens.eval.metrics.Parts` (vectorised); any other
+recomputed from resampled sums of their :class:`~medlens.metrics.functions.Parts` (vectorised); any other
 metric function is called once per resample. Both routes draw the same indices for a seed.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from medlens.eval.metrics import MetricFn, Parts, parts_of
+from medlens.metrics.functions import MetricFn, Parts, parts_of
 
 #: at most this many resampled item indices are held at once (memory bound of the vectorised bootstrap)
 CHUNK_ELEMENTS = 2_000_000

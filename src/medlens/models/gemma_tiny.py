@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from medlens.backends.models import MARKER_FILE, build_once, medlens_cache_dir
+from medlens.models.cache import build_once, models_dir, write_marker
 
 #: bump when anything below changes what gets built; the cache directory name carries it
 TINY_VERSION = 1
@@ -97,8 +97,7 @@ CHAT_TEMPLATE = r"""
 
 def tiny_model_dir(cache: str | os.PathLike[str] | None = None) -> Path:
     """Where the tiny model lives: ``$MEDLENS_CACHE/models/test-tiny-v<N>``."""
-    root = Path(cache) if cache is not None else medlens_cache_dir()
-    return root / "models" / f"{TINY_NAME}-v{TINY_VERSION}"
+    return models_dir(cache) / f"{TINY_NAME}-v{TINY_VERSION}"
 
 
 def ensure_tiny_model(cache: str | os.PathLike[str] | None = None) -> Path:
@@ -108,7 +107,7 @@ def ensure_tiny_model(cache: str | os.PathLike[str] | None = None) -> Path:
 
 def save_tiny_model(directory: str | os.PathLike[str]) -> None:
     """Build the tokenizer, processor and model and ``save_pretrained`` them into ``directory``."""
-    from medlens.backends.transformers_backend import progress_bars
+    from medlens.models.hf import progress_bars
 
     directory = Path(directory)
     processor = build_processor()
@@ -122,8 +121,7 @@ def save_tiny_model(directory: str | os.PathLike[str]) -> None:
         "is_test_model": True,
         "default_max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
     }
-    # written last: its presence means the directory is complete
-    (directory / MARKER_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_marker(directory, info)  # last: its presence means the directory is complete
 
 
 def build_tokenizer() -> Any:

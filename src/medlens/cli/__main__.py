@@ -1,0 +1,5 @@
+"""``python -m medlens.cli``."""
+
+from medlens.cli import main
+
+main()
