@@ -83,7 +83,7 @@ from medlens.progress import Timer
 
 DEFAULT_WORKDIR = Path(__file__).resolve().parent / "out"
 MAX_IMAGES = 85
-#: MedGemma 1.5's CT windows in HU, channel order R, G, B (DESIGN.md section 3)
+#: MedGemma 1.5's CT windows in HU, channel order R, G, B (docs/recipe.md, Intensities)
 HU_WINDOWS = ((-1024, 1024), (-135, 215), (0, 80))
 SPACING = (0.8, 0.8, 2.5)
 SEED = 0

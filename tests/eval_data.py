@@ -4,23 +4,43 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from medlens.demo.phantom import ct_phantom, write_ct_series
 
 
-def _png(path: Path, seed: int, size: int = 48) -> str:
+def write_png(path: Path, seed: int, size: int = 48) -> str:
+    """A random grey PNG of ``size`` x ``size`` pixels; returns its file name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 255, (size, size)).astype(np.uint8)).save(path)
     return path.name
 
 
-def _jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_benchmark(folder: Path, name: str, kind: str, metrics: list[dict], **keys: Any) -> Path:
+    """A benchmark YAML file ``folder/NAME.yaml`` reading ``NAME/test.jsonl`` under the data root; ``keys``
+    are further top-level keys (prompt, options, generation ...)."""
+    spec = {
+        "name": name,
+        "description": f"test benchmark {name}",
+        "kind": kind,
+        "data": {"path": f"{name}/test.jsonl"},
+        "metrics": metrics,
+        **keys,
+    }
+    path = folder / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
 
 
 def _mcq(n: int = 3) -> list[dict]:
@@ -44,8 +64,8 @@ def build_all(root: Path) -> Path:
         "medxpertqa/test.jsonl",
         "afrimedqa/test.jsonl",
     ):
-        _jsonl(root / name, _mcq())
-    _jsonl(
+        write_jsonl(root / name, _mcq())
+    write_jsonl(
         root / "pubmedqa/test.jsonl",
         [
             {
@@ -58,16 +78,16 @@ def build_all(root: Path) -> Path:
         ],
     )
     for bench in ("vqa-rad", "slake"):
-        _jsonl(
+        write_jsonl(
             root / f"{bench}/test.jsonl",
             [
-                {"id": f"v{i}", "image": _png(root / bench / f"img{i}.png", i), "question": q, "target": a}
+                {"id": f"v{i}", "image": write_png(root / bench / f"img{i}.png", i), "question": q, "target": a}
                 for i, (q, a) in enumerate([("Is there a fracture?", "no"), ("Which organ is shown?", "left lung")])
             ],
         )
-    _jsonl(
+    write_jsonl(
         root / "pathmcqa/test.jsonl",
-        [{**q, "image": _png(root / "pathmcqa" / f"p{i}.png", 10 + i)} for i, q in enumerate(_mcq(2))],
+        [{**q, "image": write_png(root / "pathmcqa" / f"p{i}.png", 10 + i)} for i, q in enumerate(_mcq(2))],
     )
     for _bench, folder in (
         ("mimic-cxr-conditions", "mimic-cxr"),
@@ -76,12 +96,12 @@ def build_all(root: Path) -> Path:
     ):
         rows = []
         for i in range(2):
-            image = _png(root / folder / f"cxr{i}.png", 20 + i)
+            image = write_png(root / folder / f"cxr{i}.png", 20 + i)
             rows += [
                 {"id": f"{i}-{c}", "image": image, "label": c, "target": t}
                 for c, t in (("cardiomegaly", "yes"), ("pleural effusion", "no"))
             ]
-        _jsonl(root / folder / "conditions.jsonl", rows)
+        write_jsonl(root / folder / "conditions.jsonl", rows)
     for folder in ("ct-rate", "ct"):
         rows = []
         for i in range(2):
@@ -91,46 +111,46 @@ def build_all(root: Path) -> Path:
                 {"id": f"{i}-{c}", "image": f"vol{i}", "label": c, "target": t}
                 for c, t in (("liver lesion", "yes"), ("pleural effusion", "no"), ("emphysema", "no"))
             ]
-        _jsonl(root / folder / "conditions.jsonl", rows)
+        write_jsonl(root / folder / "conditions.jsonl", rows)
     import nibabel as nib
 
     (root / "mri").mkdir(parents=True, exist_ok=True)
     mr = np.random.default_rng(3).random((24, 24, 6)).astype(np.float32) * 500
     nib.save(nib.Nifti1Image(mr, np.eye(4)), str(root / "mri" / "brain.nii.gz"))
-    _jsonl(
+    write_jsonl(
         root / "mri/conditions.jsonl",
         [{"id": c, "image": "brain.nii.gz", "label": c, "target": t} for c, t in (("tumor", "no"), ("edema", "yes"))],
     )
-    _jsonl(
+    write_jsonl(
         root / "chest-imagenome/test.jsonl",
         [
             {
                 "id": "g0",
-                "image": _png(root / "chest-imagenome" / "a.png", 30),
+                "image": write_png(root / "chest-imagenome" / "a.png", 30),
                 "question": "Locate the heart.",
                 "target": [{"label": "heart", "box_2d": [400, 300, 800, 700]}],
             }
         ],
     )
-    _jsonl(
+    write_jsonl(
         root / "ms-cxr-t/test.jsonl",
         [
             {
                 "id": "t0",
-                "prior": _png(root / "ms-cxr-t" / "p.png", 40),
-                "current": _png(root / "ms-cxr-t" / "c.png", 41),
+                "prior": write_png(root / "ms-cxr-t" / "p.png", 40),
+                "current": write_png(root / "ms-cxr-t" / "c.png", 41),
                 "question": "Has the pleural effusion changed?",
                 "group": "pleural effusion",
                 "target": "improved",
             }
         ],
     )
-    _jsonl(
+    write_jsonl(
         root / "lab-reports/test.jsonl",
         [
             {
                 "id": "l0",
-                "image": _png(root / "lab-reports" / "page.png", 50, 64),
+                "image": write_png(root / "lab-reports" / "page.png", 50, 64),
                 "target": [{"name": "Hemoglobin", "result": "13.5", "unit": "g/dL"}],
             }
         ],
@@ -153,7 +173,7 @@ def build_all(root: Path) -> Path:
     }
     (root / "ehrqa").mkdir(parents=True, exist_ok=True)
     (root / "ehrqa" / "record.json").write_text(json.dumps(bundle))
-    _jsonl(
+    write_jsonl(
         root / "ehrqa/test.jsonl",
         [
             {
@@ -164,24 +184,24 @@ def build_all(root: Path) -> Path:
             }
         ],
     )
-    _jsonl(
+    write_jsonl(
         root / "wsi/test.jsonl",
         [
             {
                 "id": "w0",
-                "images": [_png(root / "wsi" / f"patch{i}.png", 60 + i) for i in range(3)],
+                "images": [write_png(root / "wsi" / f"patch{i}.png", 60 + i) for i in range(3)],
                 "tissue": "breast",
                 "procedure": "core needle biopsy",
                 "target": "invasive ductal carcinoma, grade 2",
             }
         ],
     )
-    _jsonl(
+    write_jsonl(
         root / "medpix/test.jsonl",
         [
             {
                 "id": "m0",
-                "image": _png(root / "medpix" / "case.png", 70),
+                "image": write_png(root / "medpix" / "case.png", 70),
                 "question": "A 40-year-old with headache.",
                 "target": "meningioma",
                 "synonyms": ["meningeal tumour"],

@@ -117,17 +117,119 @@ def test_generate_with_images(backend: TransformersBackend) -> None:
     )
 
 
+def _end_ids(backend: TransformersBackend) -> list[int]:
+    return backend.tokenizer.convert_tokens_to_ids(["<eos>", "<end_of_turn>"])
+
+
+def _greedy_ids(backend: TransformersBackend, messages: list, max_new_tokens: int) -> tuple[int, list[int]]:
+    """The prompt length and the generated token ids of greedy decoding, straight from ``model.generate``
+    (not through the backend), stopping at ``<eos>``/``<end_of_turn>``."""
+    import torch
+
+    inputs = backend.prepare(messages)
+    with torch.inference_mode():
+        sequences = backend.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=_end_ids(backend),
+            pad_token_id=backend.tokenizer.pad_token_id,
+        )
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    return prompt_tokens, sequences[0, prompt_tokens:].tolist()
+
+
+def _text_messages(text: str) -> list:
+    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+
+
 def test_text_only_and_max_new_tokens(backend: TransformersBackend) -> None:
     request = GenerationRequest(messages=[{"role": "user", "content": "What is a pleural effusion?"}])
     (out,) = backend.generate([GenerationRequest(messages=request.messages, max_new_tokens=3)])
-    assert out.completion_tokens <= 3 and out.prompt_tokens > 5
-    if out.completion_tokens == 3:
-        assert out.finish_reason == "length"
+    assert out.prompt_tokens > 5
+    # test-tiny's greedy answer to this prompt repeats one byte token and never ends: every cap is hit
+    assert (out.completion_tokens, out.finish_reason) == (3, "length")
+    (longer,) = backend.generate([GenerationRequest(messages=request.messages, max_new_tokens=40)])
+    assert (longer.completion_tokens, longer.finish_reason) == (40, "length")
+
+    # to "no", test-tiny's greedy answer ends with <end_of_turn> as its 35th token
+    messages = _text_messages("no")
+    _, ids = _greedy_ids(backend, messages, 64)
+    assert len(ids) == 35 and ids[-1] in _end_ids(backend) and not set(ids[:-1]) & set(_end_ids(backend))
+    (ended,) = backend.generate([GenerationRequest(messages=messages, max_new_tokens=64)])
+    assert (ended.completion_tokens, ended.finish_reason) == (35, "stop")
+    assert "<end_of_turn>" not in ended.text and ended.text
+    # a cap of exactly 35 still ends on the end token: "stop"; one fewer cuts it: "length"
+    (exact,) = backend.generate([GenerationRequest(messages=messages, max_new_tokens=35)])
+    assert (exact.text, exact.completion_tokens, exact.finish_reason) == (ended.text, 35, "stop")
+    (cut,) = backend.generate([GenerationRequest(messages=messages, max_new_tokens=34)])
+    assert (cut.completion_tokens, cut.finish_reason) == (34, "length")
 
 
 def test_sampling_is_seeded(backend: TransformersBackend) -> None:
     a, b = backend.generate([_image_request(temperature=1.0, seed=7), _image_request(temperature=1.0, seed=7)])
     assert a.text == b.text
+    # test-tiny's greedy answer to this request repeats one token; sampled ones (seeds checked once) differ
+    # from it and from each other
+    greedy = backend.generate_one(_image_request())
+    sampled = [backend.generate_one(_image_request(temperature=1.0, seed=seed)) for seed in (0, 2, 3, 7)]
+    assert sampled[-1].text == a.text  # a seed gives the same text alone and in a batch
+    assert len({o.text for o in sampled}) == 4
+    assert greedy.text not in {o.text for o in sampled}
+    assert greedy.text == backend.generate_one(_image_request(temperature=0.0, seed=3)).text  # greedy ignores seeds
+
+
+# Greedy decoding of test-tiny, pinned: the prompt length, the generated ids and the backend's text. A change
+# here means the tiny model or the engine changed outputs (a transformers/torch upgrade, a new test-tiny
+# build, a change to how the backend renders or decodes): look at why before updating the values. Pinned on
+# CPU in float32 (the top two logits are at least 2e-3 apart at every step, far above float32 noise).
+PINNED_GREEDY = {
+    "text": (30, [346, 464, 432, 432, 432, 432, 432, 432], "alan 3 3 3 3 3 3"),
+    "one image": (31, [445, 445, 445, 445, 445, 495, 495, 495], " left left left left left he he he"),
+    "two images": (43, [334, 529, 445, 456, 456, 456, 495, 495], "w effusion left2d2d2d he he"),
+}
+
+
+#: the image seeds (32 x 48 RGB noise, numpy's seeded RNG) and the question of each pinned case
+PINNED_PROMPTS = {
+    "text": ((), "Describe the chest radiograph."),
+    "one image": ((1,), "Describe the image."),
+    "two images": ((10, 11), "Is there a pneumothorax?"),
+}
+
+
+def _pinned_messages(case: str) -> list:
+    seeds, question = PINNED_PROMPTS[case]
+    if not seeds:
+        return _text_messages(question)
+    content = [{"type": "image", "image": _image(32, 48, seed)} for seed in seeds]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
+
+
+@pytest.mark.parametrize("case", list(PINNED_GREEDY))
+def test_greedy_output_is_pinned(backend: TransformersBackend, case: str) -> None:
+    if backend.device != "cpu" or str(backend.dtype) != "torch.float32":
+        pytest.skip(f"pinned on cpu/float32, test-tiny runs on {backend.device}/{backend.dtype}")
+    prompt_tokens, ids, text = PINNED_GREEDY[case]
+    messages = _pinned_messages(case)
+    assert _greedy_ids(backend, messages, 8) == (prompt_tokens, ids)
+    tokenizer = backend.tokenizer
+    assert clean_completion(tokenizer.decode(ids, skip_special_tokens=False)) == text
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+    # the backend writes exactly that: one request alone, and two in one call (with images they share a prefill)
+    alone = backend.generate_one(GenerationRequest(messages=messages, max_new_tokens=8))
+    shared = backend.generate([GenerationRequest(messages=messages, max_new_tokens=8)] * 2)
+    assert shared[0].timings.get("prefix_reused") == (None if case == "text" else 1.0)
+    for out in (alone, *shared):
+        assert (out.text, out.prompt_tokens, out.completion_tokens, out.finish_reason) == (
+            text,
+            prompt_tokens,
+            8,
+            "length",
+        )
 
 
 def test_thinking_markers_survive_decoding(backend: TransformersBackend) -> None:

@@ -14,6 +14,7 @@ from PIL import Image
 from medlens import DISCLAIMER
 from medlens.demo.phantom import ct_phantom, write_ct_series
 from medlens.privacy import short_hash
+from medlens.prompts import THINKING_INSTRUCTION
 
 QUESTION = 'Is there "liver lesion" in the CT volume? Answer with "Final Answer: yes" or "Final Answer: no".'
 
@@ -69,12 +70,24 @@ def test_ask_with_test_tiny_prints_one_json_object(ct_study, cli):
     assert "1.2." not in json.dumps(result)  # no raw UIDs in the printed result
 
 
-def test_ask_thinking_and_token_cap(ct_study, cli):
+@pytest.mark.parametrize("task", ["qa", "report"])
+def test_ask_thinking_and_token_cap(ct_study, cli, tiny_backend, task):
+    """``--think`` reaches the prompt: the same ask is longer by exactly the thinking instruction's tokens."""
     folder, _ = ct_study
-    code, out, _ = cli("ask", folder, "Describe.", "--think", "--max-new-tokens", "3", "-q")
-    assert code == 0
+    question = ["Describe."] if task == "qa" else []
+    base = ["ask", folder, *question, "--task", task, "--max-new-tokens", "3", "-q"]
+    code, out, err = cli(*base, "--think")
+    assert code == 0, err
     result = json.loads(out)
-    assert result["completion_tokens"] <= 3
+    assert result["task"] == task
+    assert result["completion_tokens"] == 3  # test-tiny does not end within 3 tokens here
+    code, out, err = cli(*base)
+    assert code == 0, err
+    plain = json.loads(out)
+    assert plain["completion_tokens"] == 3 and plain["n_images"] == result["n_images"] == 85
+    added = len(tiny_backend.tokenizer(f"{THINKING_INSTRUCTION}\n", add_special_tokens=False)["input_ids"])
+    assert added == 26  # "SYSTEM INSTRUCTION: think silently if needed.\n" in test-tiny's small vocabulary
+    assert result["prompt_tokens"] - plain["prompt_tokens"] == added
 
 
 def test_series_option_and_inspect(tmp_path, cli):

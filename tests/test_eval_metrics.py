@@ -10,6 +10,7 @@ from sklearn.preprocessing import MultiLabelBinarizer
 from medlens.errors import UnknownNameError
 from medlens.metrics.functions import (
     METRICS,
+    MetricOptionsError,
     accuracy,
     binary_f1_macro_by_group,
     closed_accuracy,
@@ -19,6 +20,7 @@ from medlens.metrics.functions import (
     lcs_length,
     macro_accuracy,
     mean_iou,
+    metric_options,
     multilabel_f1_macro,
     multilabel_f1_micro,
     normalized_match,
@@ -64,6 +66,28 @@ def test_every_metric_is_registered_with_did_you_mean():
     }
     with pytest.raises(UnknownNameError, match="did you mean 'accuracy'"):
         METRICS.get("acuracy")
+
+
+def test_metric_options_are_checked_in_python_too():
+    """The options models that check benchmark files also check Python calls: nothing is silently ignored."""
+    from medlens.metrics.stats import bootstrap_ci
+
+    with pytest.raises(MetricOptionsError, match="metric accuracy: labels: unknown option"):
+        accuracy(["a"], ["a"], labels=["a"])
+    with pytest.raises(MetricOptionsError, match="by_label: Input should be a valid boolean"):
+        mean_iou([[]], [[]], by_label="yes")
+    with pytest.raises(MetricOptionsError, match="questions"):
+        tokenized_f1(["a"], ["a"], questions="some")
+    with pytest.raises(MetricOptionsError, match="question: unknown option"):
+        item_scores("tokenized_f1", ["a"], ["a"], question="open")
+    with pytest.raises(MetricOptionsError, match="labels"):
+        bootstrap_ci(multilabel_f1_macro, [["a"]], [["a"]], labels="a", n_resamples=10)
+    with pytest.raises(MetricOptionsError, match=r"fields\.0: Input should be"):
+        lab_f1_micro([[]], [[]], fields=["value"])
+    # label and field lists may be any sequence: a, b with only a present -> (1 + 0) / 2
+    assert multilabel_f1_macro([["a"]], [["a"]], labels=("a", "b")) == 0.5
+    assert metric_options("lab_f1_macro")().fields == ["name", "result", "unit"]
+    assert metric_options("mean_iou")().model_dump() == {"by_label": True, "key": "box_2d"}
 
 
 def test_lengths_must_agree():

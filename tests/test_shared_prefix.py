@@ -149,7 +149,11 @@ def test_eighteen_questions_on_one_volume(backend: TransformersBackend, volumes:
     assert all(o.timings["prefix_reused"] == 1.0 and o.timings["prefix_tokens"] == prefix for o in shared)
     assert 85 * backend.model.config.mm_tokens_per_image < prefix < shared[0].prompt_tokens
     assert all("prefix_reused" not in o.timings for o in independent)
-    assert len({o.text for o in shared}) > 1 or shared[0].text  # the questions do change the answers
+    # the questions do change the answers: test-tiny (greedy) writes 17 different texts to the 18 questions
+    # (only "kidney stone" and "atelectasis" get the same one); answers that ignored the question (the shared
+    # prefix alone) would be one text for all
+    texts = [o.text for o in shared]
+    assert all(texts) and len(set(texts)) >= len(LABELS) - 2
 
 
 def test_sampling_with_seeds_is_the_same(backend: TransformersBackend, volumes: tuple) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from scripted import ScriptedBackend
 
 from medlens.demo.phantom import ct_phantom, write_ct_series
 from medlens.files import sha256_of
-from medlens.tasks import TASKS, TaskOptions, get_task
+from medlens.tasks import TASKS, TaskOption, TaskOptions, get_task, task_class
 from medlens.tasks.compare import parse_progression
 from medlens.tasks.report import split_sections
 from medlens.tasks.runner import run_task
@@ -214,5 +215,102 @@ def test_parse_command_reads_stdin(monkeypatch, cli):
     assert json.loads(out)["payload"]["impression"] == "fine"
 
 
-def test_task_options_are_the_cli_options():
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _declared_options() -> dict[str, tuple[TaskOption, list[str]]]:
+    """Every option the tasks declare, with the tasks that declare it."""
+    found: dict[str, tuple[TaskOption, list[str]]] = {}
+    for name in TASKS:
+        for decl in task_class(name).options:
+            found.setdefault(decl.name, (decl, []))[1].append(name)
+    return found
+
+
+def test_task_options_are_the_cli_options(cli):
     assert {"recipe", "series", "overlay", "dpi", "token_budget", "reasoner"} <= set(TaskOptions.__dataclass_fields__)
+    declared = _declared_options()
+    assert {"overlay", "dpi", "token_budget", "reasoner"} <= set(declared)
+    import typer
+
+    from medlens.cli import app
+
+    ask = typer.main.get_command(app).commands["ask"]
+    params = {p.name: p for p in ask.params}
+    code, help_text, err = cli("ask", "--help")
+    assert code == 0, err
+    for name, (decl, users) in declared.items():
+        param = params[name]
+        assert param.opts == [_flag(name)] and param.default is None, name  # unset unless given
+        assert param.help.startswith(f"{', '.join(users)}: {decl.help}"), name
+        if decl.default is not None:
+            assert param.help.endswith(f"(default {decl.default})"), name
+        assert re.search(rf"(?<![\w-]){re.escape(_flag(name))}(?![\w-])", help_text), name
+
+
+def _lab_pdf(path):
+    from fpdf import FPDF
+
+    pdf = FPDF(format=(60, 40))
+    pdf.add_page()
+    pdf.set_font("helvetica", size=8)
+    pdf.cell(text="Haemoglobin 13.5 g/dL (12.0-16.0)")
+    pdf.output(str(path))
+    return path
+
+
+def _note(path):
+    path.write_text("2024-03-05 Patient seen for cough. Chest radiograph: small left pleural effusion.\n")
+    return path
+
+
+#: a value other than the default for each declared option
+OTHER_VALUES = {"dpi": "200", "token_budget": "300", "overlay": "{tmp}/boxes.png", "reasoner": "test-tiny"}
+
+
+def test_other_values_cover_every_declared_option():
+    assert set(OTHER_VALUES) == set(_declared_options())
+
+
+@pytest.mark.parametrize(
+    ("name", "task", "make_input", "question", "expected"),
+    [
+        pytest.param("dpi", "lab-extract", lambda tmp: _lab_pdf(tmp / "report.pdf"), [], 200, id="dpi"),
+        pytest.param(
+            "token_budget", "ehr-qa", lambda tmp: _note(tmp / "notes.txt"), ["What was found?"], 300, id="token_budget"
+        ),
+    ],
+)
+def test_a_task_option_reaches_its_task(tmp_path, cli, name, task, make_input, question, expected):
+    """The flag's value is what the task ran with (the envelope's details say it), the default without it."""
+    path = make_input(tmp_path)
+    args = ["ask", path, *question, "--task", task, "--model", "test-tiny", "--max-new-tokens", "2", "-q"]
+    code, out, err = cli(*args)
+    assert code == 0, err
+    assert json.loads(out)["details"][name] == _declared_options()[name][0].default != expected
+    code, out, err = cli(*args, _flag(name), OTHER_VALUES[name])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["task"] == task and result["details"][name] == expected
+
+
+@pytest.mark.parametrize("name", list(OTHER_VALUES))
+def test_another_tasks_option_exits_2_naming_the_flag(tmp_path, cli, name):
+    users = _declared_options()[name][1]
+    other = next(task for task in ("qa", "report", "compare") if task not in users)
+    path = _cxr(tmp_path / "a.dcm", "20240101")
+    value = OTHER_VALUES[name].format(tmp=tmp_path)
+    code, out, err = cli("ask", path, "Is it normal?", "--task", other, _flag(name), value, "-q")
+    assert code == 2 and out == ""
+    assert err == f"medlens: error: {_flag(name)} is an option of {', '.join(users)}, not of task {other}\n"
+    assert not (tmp_path / "boxes.png").exists()
+
+
+def test_declared_option_bounds_are_enforced(tmp_path, cli):
+    path = _lab_pdf(tmp_path / "report.pdf")
+    for value in ("49", "601"):
+        code, _, err = cli("ask", path, "--task", "lab-extract", "--dpi", value, "-q")
+        assert code == 2 and "--dpi" in err
+    code, _, err = cli("ask", _note(tmp_path / "n.txt"), "Q?", "--task", "ehr-qa", "--token-budget", "199", "-q")
+    assert code == 2 and "--token-budget" in err

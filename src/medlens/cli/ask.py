@@ -52,24 +52,20 @@ def declared_task_options() -> dict[str, tuple[TaskOption, tuple[str, ...]]]:
 
 
 def task_option_group() -> OptionGroup:
-    """One flag per option any task declares; the command receives ``{name: value}``."""
-    params = tuple(
-        option(
-            decl.name,
-            decl.type,
-            decl.default,
-            help=f"{', '.join(users)}: {decl.help}",
-            panel="Task options",
-            **{k: v for k, v in (("min", decl.min), ("max", decl.max)) if v is not None},
-        )
-        for decl, users in declared_task_options().values()
-    )
-    return OptionGroup("task_values", params, lambda **values: values)
+    """One flag per option any task declares, unset (None) unless given; the command receives
+    ``{name: value}`` and the task's own default applies to what was not given."""
+    params = []
+    for decl, users in declared_task_options().values():
+        shown = f" (default {decl.default})" if decl.default is not None else ""
+        bounds = {k: v for k, v in (("min", decl.min), ("max", decl.max)) if v is not None}
+        text = f"{', '.join(users)}: {decl.help}{shown}"
+        params.append(option(decl.name, decl.type | None, None, help=text, panel="Task options", **bounds))
+    return OptionGroup("task_values", tuple(params), lambda **values: values)
 
 
 def task_settings(task: Task, values: dict[str, Any]) -> dict[str, Any]:
-    """The :class:`~medlens.tasks.TaskOptions` keywords of the task's own options; another task's option
-    set to something other than its default is an error (it would be silently ignored)."""
+    """The :class:`~medlens.tasks.TaskOptions` keywords of the options given for the task; an option of
+    another task is an error (it would be silently ignored)."""
     from medlens.tasks import TaskOptions
 
     own = {decl.name for decl in task.options}
@@ -77,11 +73,12 @@ def task_settings(task: Task, values: dict[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for name, value in values.items():
-        if name in own:
-            (fields if name in TaskOptions.__dataclass_fields__ else extra)[name] = value
-        elif value != declared[name][0].default:
+        if value is None:
+            continue
+        if name not in own:
             flag = "--" + name.replace("_", "-")
             raise MedlensError(f"{flag} is an option of {', '.join(declared[name][1])}, not of task {task.name}")
+        (fields if name in TaskOptions.__dataclass_fields__ else extra)[name] = value
     return {**fields, "extra": extra} if extra else fields
 
 

@@ -14,11 +14,14 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from medlens.errors import MedlensError
+
+if TYPE_CHECKING:
+    from medlens.prep.slide_recipe import SlideOptions
 
 KEYWORD = inspect.Parameter.KEYWORD_ONLY
 
@@ -208,8 +211,6 @@ STUDY = _study_group()
 
 def slide_group(prompt: bool) -> OptionGroup:
     """Whole-slide options; ``prompt`` adds tissue and procedure, which only the prompt uses."""
-    from medlens.prep.slide_recipe import SlideOptions
-
     panel = "Whole slides"
     params = [
         option(
@@ -240,6 +241,8 @@ def slide_group(prompt: bool) -> OptionGroup:
         ]
 
     def build(slide_backend: str | None, **values: Any) -> SlideOptions:
+        from medlens.prep.slide_recipe import SlideOptions
+
         return SlideOptions(backend=slide_backend, **values)
 
     return OptionGroup("slide", tuple(params), build)

@@ -4,21 +4,15 @@ reads data shipped inside an installed package. Nothing is downloaded."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from medlens.errors import InputError, MedlensError, NotFoundError
-from medlens.eval.spec import BenchmarkSpec
-from medlens.registry import Registry
+from medlens.eval.spec import BenchmarkSpec, loader_function
 
 Item = dict[str, Any]
-#: built-in loaders: name -> "module:function" returning the items
-LOADERS: Registry[str] = Registry("data loader")
-LOADERS.add("iu-cxr-reports", "medlens.eval.iu_cxr:load_items")
 
 
 def data_root(explicit: str | Path | None = None) -> Path:
@@ -30,9 +24,7 @@ def load_items(spec: BenchmarkSpec, root: Path, limit: int | None = None) -> lis
     """The benchmark's items (each with an ``id``), renamed per ``data.fields``; paths stay relative to the
     manifest's folder and are resolved by the hooks through ``item["_base"]``."""
     if spec.data.loader:
-        module, _, attr = LOADERS.get(spec.data.loader).partition(":")
-        loader: Callable[..., list[Item]] = getattr(importlib.import_module(module), attr)
-        items = loader(**spec.options.get("loader_options", {}))
+        items = loader_function(spec.data.loader)(**spec.options.get("loader_options", {}))
         base = root
     else:
         path = root / (spec.data.path or "")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from importlib.resources import files
 from pathlib import Path
 
-from medlens.errors import MedlensError
-from medlens.eval.kinds import KINDS, Kind
+from medlens.eval.kinds import Kind, kind_class
 from medlens.eval.spec import BenchmarkSpec, load_spec
 from medlens.registry import Registry
 
@@ -38,13 +36,4 @@ def get_benchmark(name_or_path: str) -> tuple[BenchmarkSpec, Path]:
 
 def make_kind(spec: BenchmarkSpec, spec_path: Path, recipe: str) -> Kind:
     """The hook object of a benchmark: a registered kind, or ``hooks.py:ClassName`` next to the YAML file."""
-    if ":" in spec.kind and spec.kind.split(":")[0].endswith(".py"):
-        file, _, attr = spec.kind.partition(":")
-        module_path = (spec_path.parent / file).resolve()
-        module_spec = importlib.util.spec_from_file_location(f"medlens_user_hooks_{spec.name}", module_path)
-        if module_spec is None or module_spec.loader is None or not module_path.exists():
-            raise MedlensError(f"benchmark {spec.name}: hook file {module_path} not found")
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        return getattr(module, attr)(spec, recipe)
-    return KINDS.get(spec.kind)(spec, recipe)
+    return kind_class(spec.kind, spec_path.parent)(spec, recipe)

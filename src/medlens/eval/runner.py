@@ -1,9 +1,10 @@
 """``medlens eval``: run a benchmark on any backend, journaling every output, then score it.
 
 Each item's request is keyed by the content of its inputs, the model revision, the benchmark's prompt
-template hash, the generation parameters and the medlens version. Greedy outputs already in the run's
-journal are reused, so rerunning the same command after a crash (even ``kill -9``) redoes nothing and ends
-with the same results as an uninterrupted run. Sampled outputs (temperature > 0) are never reused.
+template hash, the generation parameters (token cap, temperature, thinking, seed) and the medlens version.
+Greedy outputs already in the run's journal are reused, so rerunning the same command after a crash (even
+``kill -9``) redoes nothing and ends with the same results as an uninterrupted run. Sampled outputs
+(temperature > 0) are never reused.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from medlens.eval.data import data_root, load_items
 from medlens.eval.journal import Journal
 from medlens.eval.kinds import Item, Kind, Query
 from medlens.eval.registry import get_benchmark, make_kind
-from medlens.eval.spec import BenchmarkSpec
+from medlens.eval.spec import BenchmarkSpec, Generation
 from medlens.files import sha256_of, write_json_atomic, write_jsonl_atomic
 from medlens.prep.recipes import DEFAULT_RECIPE
 from medlens.progress import Reporter
@@ -51,15 +52,15 @@ def run_benchmark(
     ``judge`` (any model) additionally grades free-text predictions for benchmarks that allow it; both load
     with ``engine`` and ``backend_options`` (device, dtype, engine arguments)."""
     spec, spec_path = get_benchmark(benchmark)
-    if judge is not None and not spec.options.get("judge"):
+    kind = make_kind(spec, spec_path, recipe)
+    if judge is not None and not getattr(kind.options, "judge", False):
         raise MedlensError(f"benchmark {spec.name} has no free-text answers for a judge (only e.g. medpix-diagnosis)")
     reporter = reporter or Reporter(False)
     out = Path(out_dir)
     items = load_items(spec, data_root(data), limit)
-    kind = make_kind(spec, spec_path, recipe)
     start = time.perf_counter()
     backend = model if isinstance(model, Backend) else load_backend(model, engine, **(backend_options or {}))
-    generation = _generation(spec, backend)
+    generation = spec.generation.resolved(backend.default_max_new_tokens)
     revision = backend.revision
     hashes: dict[Path, str] = {}
     with reporter.stage(f"{spec.name}: preparing", total=len(items)) as update:
@@ -92,12 +93,12 @@ def _generate_missing(
     items: list[Item],
     queries: list[Query],
     keys: list[str],
-    generation: dict[str, Any],
+    generation: Generation,
     batch_size: int,
     reporter: Reporter,
 ) -> int:
     """Generate the items not journaled yet (all of them when sampling), in batches; returns how many were reused."""
-    greedy = generation["temperature"] == 0
+    greedy = generation.temperature == 0
     todo = [i for i, key in enumerate(keys) if not (greedy and journal.get(key))]
     with reporter.stage(f"{spec.name}: generating ({len(keys) - len(todo)} reused)", total=len(todo)) as update:
         for done in range(0, len(todo), batch_size):
@@ -105,8 +106,9 @@ def _generate_missing(
             requests = [
                 GenerationRequest(
                     queries[i].messages,
-                    max_new_tokens=generation["max_new_tokens"],
-                    temperature=generation["temperature"],
+                    max_new_tokens=generation.max_new_tokens,
+                    temperature=generation.temperature,
+                    seed=generation.seed,
                 )
                 for i in batch
             ]
@@ -125,20 +127,12 @@ def _generate_missing(
     return len(keys) - len(todo)
 
 
-def _generation(spec: BenchmarkSpec, backend: Backend) -> dict[str, Any]:
-    return {
-        "max_new_tokens": int(spec.generation.get("max_new_tokens") or backend.default_max_new_tokens),
-        "temperature": float(spec.generation.get("temperature", 0.0)),
-        "thinking": bool(spec.generation.get("thinking", False)),
-    }
-
-
 def _key(
     spec: BenchmarkSpec,
     item: Item,
     query: Query,
     revision: str,
-    generation: dict[str, Any],
+    generation: Generation,
     hashes: dict[Path, str],
 ) -> str:
     for path in query.files:
@@ -149,7 +143,7 @@ def _key(
         "inputs": [hashes[p] for p in query.files],
         "model": revision,
         "template": spec.template_hash,
-        "generation": generation,
+        "generation": generation.model_dump(),
         "medlens": __version__,
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
@@ -186,7 +180,7 @@ def _results(
     samples: list[dict[str, Any]],
     backend: Backend,
     revision: str,
-    generation: dict[str, Any],
+    generation: Generation,
     n_resamples: int,
     reused: int,
     limit: int | None,
@@ -226,7 +220,7 @@ def _results(
         "metrics": metrics,
         "metric_specs": [m.model_dump() for m in spec.metrics],
         "published": spec.published.model_dump(),
-        "config": {"generation": generation, "template_hash": spec.template_hash, "kind": spec.kind},
+        "config": {"generation": generation.model_dump(), "template_hash": spec.template_hash, "kind": spec.kind},
         "versions": _versions(),
         "disclaimer": DISCLAIMER,
     }

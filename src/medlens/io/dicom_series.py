@@ -15,7 +15,7 @@ from medlens.io.dicom_pixels import FrameEntry, decode
 from medlens.io.types import ImageStack, SliceRef
 from medlens.privacy import matches_uid, short_hash
 
-#: MedGemma 1.5 volumes were axial with at most 512x512 pixels per slice (DESIGN.md section 3)
+#: MedGemma 1.5 volumes were axial with at most 512x512 pixels per slice (docs/recipe.md, Reading)
 TRAINING_MAX_SIDE = 512
 
 

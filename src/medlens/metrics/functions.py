@@ -5,6 +5,9 @@ whose sums, per group, determine the value. The metric functions reduce those su
 :mod:`medlens.metrics.stats` reduces resampled sums, so an interval is the same metric recomputed on each
 resample (macro metrics included) without calling Python code per resample.
 
+Each metric declares its options as a :class:`MetricOptions` model (unknown options and wrong types are
+errors, in a benchmark YAML file and in Python alike); :func:`metric_options` gives it by name.
+
 Conventions (scikit-learn's ``zero_division=0``): an F1 whose precision and recall are both undefined (no
 positive target and no positive prediction for a label, a condition or the whole set) is 0. A metric of no
 item at all is NaN. A prediction of ``None`` (the output could not be parsed) is always a wrong answer.
@@ -12,14 +15,16 @@ item at all is NaN. A prediction of ``None`` (the output could not be parsed) is
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medlens.prep.boxes import mean_iou as boxes_mean_iou
 from medlens.registry import Registry
@@ -70,13 +75,80 @@ class Parts:
         return float(self.reduce(self.sums()[None])[0])
 
 
+# ---------------------------------------------------------------- options
+
+#: fields of a lab row that ``fields`` may name (the lab-extract payload's columns)
+LabField = Literal["name", "result", "unit", "range", "panel", "method", "specimen", "sample_collection_time"]
+LAB_FIELDS: tuple[LabField, ...] = ("name", "result", "unit")
+
+
+class MetricOptions(BaseModel):
+    """The options a metric takes (none by default): unknown names and wrong types are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class LabelOptions(MetricOptions):
+    """Multi-label F1: the label set (default: every label seen in predictions and targets)."""
+
+    labels: Annotated[list[str] | None, Field(strict=False, min_length=1)] = None
+
+
+class QuestionOptions(MetricOptions):
+    """Tokenised F1: every item, or only the open questions (targets that are not yes/no)."""
+
+    questions: Literal["all", "open"] = "all"
+
+
+class IouOptions(MetricOptions):
+    """Mean IoU: match boxes by label or not, and which box key to read."""
+
+    by_label: bool = True
+    key: Literal["box_2d", "box_px"] = "box_2d"
+
+
+class LabOptions(MetricOptions):
+    """Lab row F1: the fields on which a predicted and a target row must agree."""
+
+    fields: Annotated[list[LabField], Field(strict=False, min_length=1)] = Field(
+        default_factory=lambda: list(LAB_FIELDS)
+    )
+
+
+class MetricOptionsError(ValueError):
+    """An option a metric does not take, or a value of the wrong type."""
+
+
 PartsFn = Callable[..., Parts]
 _PARTS: dict[MetricFn, PartsFn] = {}
+_OPTIONS: dict[MetricFn, type[MetricOptions]] = {}
+_NAMES: dict[MetricFn, str] = {}
 
 
-def _register(name: str, fn: MetricFn, parts_fn: PartsFn) -> None:
+def _register(name: str, fn: MetricFn, parts_fn: PartsFn, options: type[MetricOptions] = MetricOptions) -> None:
+    """Register ``fn`` under ``name``; its parts function takes exactly the options model's fields."""
+    taken = list(inspect.signature(parts_fn).parameters)[3:]
+    if set(taken) != set(options.model_fields):
+        raise TypeError(f"metric {name}: parts take {taken}, options declare {list(options.model_fields)}")
     METRICS.add(name, fn)
-    _PARTS[fn] = parts_fn
+    _PARTS[fn], _OPTIONS[fn], _NAMES[fn] = parts_fn, options, name
+
+
+def metric_options(name: str) -> type[MetricOptions]:
+    """The options model of the metric registered as ``name`` (did-you-mean error otherwise)."""
+    return _OPTIONS[METRICS.get(name)]
+
+
+def check_options(fn: MetricFn, options: Mapping[str, Any]) -> MetricOptions:
+    """The validated options of a registered metric function; :class:`MetricOptionsError` when bad."""
+    try:
+        return _OPTIONS[fn].model_validate(dict(options))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        known = ", ".join(_OPTIONS[fn].model_fields) or "none"
+        reason = "unknown option" if first["type"] == "extra_forbidden" else first["msg"]
+        raise MetricOptionsError(f"metric {_NAMES[fn]}: {where}: {reason} (options: {known})") from None
 
 
 def parts_of(
@@ -86,13 +158,15 @@ def parts_of(
     parts_fn = _PARTS.get(metric_fn)
     if parts_fn is None:
         return None
+    settings = check_options(metric_fn, options)
     _check_lengths(predictions, targets, groups)
-    return parts_fn(predictions, targets, groups, **options)
+    return parts_fn(predictions, targets, groups, **dict(settings))
 
 
 def _value(fn: MetricFn, predictions: Sequence, targets: Sequence, groups: Sequence | None, options: dict) -> float:
-    _check_lengths(predictions, targets, groups)
-    return _PARTS[fn](predictions, targets, groups, **options).value()
+    parts = parts_of(fn, predictions, targets, groups, **options)
+    assert parts is not None  # only registered metrics call this
+    return parts.value()
 
 
 def item_scores(
@@ -210,7 +284,7 @@ def _yes_no(value: Any) -> str | None:
 # ---------------------------------------------------------------- accuracy family
 
 
-def _accuracy_parts(predictions: Sequence, targets: Sequence, groups: Sequence | None = None, **_: Any) -> Parts:
+def _accuracy_parts(predictions: Sequence, targets: Sequence, groups: Sequence | None = None) -> Parts:
     return _mean_parts(float(_correct(p, t)) for p, t in zip(predictions, targets, strict=True))
 
 
@@ -219,7 +293,7 @@ def accuracy(predictions: Sequence, targets: Sequence, groups: Sequence | None =
     return _value(accuracy, predictions, targets, groups, options)
 
 
-def _macro_accuracy_parts(predictions: Sequence, targets: Sequence, groups: Sequence | None = None, **_: Any) -> Parts:
+def _macro_accuracy_parts(predictions: Sequence, targets: Sequence, groups: Sequence | None = None) -> Parts:
     codes, n_groups = _codes(groups, len(targets))
     stats = np.asarray([(float(_correct(p, t)), 1.0) for p, t in zip(predictions, targets, strict=True)])
     return Parts(stats.reshape(-1, 2), codes, n_groups, _reduce_macro_accuracy)
@@ -233,7 +307,7 @@ def macro_accuracy(predictions: Sequence, targets: Sequence, groups: Sequence | 
     return _value(macro_accuracy, predictions, targets, groups, options)
 
 
-def _binary_f1_parts(predictions: Sequence, targets: Sequence, groups: Sequence | None = None, **_: Any) -> Parts:
+def _binary_f1_parts(predictions: Sequence, targets: Sequence, groups: Sequence | None = None) -> Parts:
     codes, n_groups = _codes(groups, len(targets))
     rows = []
     for prediction, target in zip(predictions, targets, strict=True):
@@ -257,7 +331,7 @@ def binary_f1_macro_by_group(
     return _value(binary_f1_macro_by_group, predictions, targets, groups, options)
 
 
-def _closed_accuracy_parts(predictions: Sequence, targets: Sequence, groups: Sequence | None = None, **_: Any) -> Parts:
+def _closed_accuracy_parts(predictions: Sequence, targets: Sequence, groups: Sequence | None = None) -> Parts:
     scores = []
     for prediction, target in zip(predictions, targets, strict=True):
         truth = _yes_no(" ".join(_words(target))) if target is not None else None
@@ -319,14 +393,14 @@ def _label_counts(predictions: Sequence, targets: Sequence, labels: Sequence | N
 
 
 def _multilabel_macro_parts(
-    predictions: Sequence, targets: Sequence, groups: Sequence | None = None, labels: Sequence | None = None, **_: Any
+    predictions: Sequence, targets: Sequence, groups: Sequence | None, *, labels: Sequence | None
 ) -> Parts:
     counts = _label_counts(predictions, targets, labels)
     return _ungrouped(counts.reshape(len(counts), -1), counts.shape[1] * 3, _reduce_label_f1)
 
 
 def _multilabel_micro_parts(
-    predictions: Sequence, targets: Sequence, groups: Sequence | None = None, labels: Sequence | None = None, **_: Any
+    predictions: Sequence, targets: Sequence, groups: Sequence | None, *, labels: Sequence | None
 ) -> Parts:
     tp, fp, fn = np.moveaxis(_label_counts(predictions, targets, labels).sum(axis=1), -1, 0)
     return _ungrouped(zip(2 * tp, 2 * tp + fp + fn, strict=True), 2, _ratio(0.0))
@@ -380,11 +454,7 @@ def token_f1(prediction: Any, target: Any) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _tokenized_f1_parts(
-    predictions: Sequence, targets: Sequence, groups: Sequence | None = None, questions: str = "all", **_: Any
-) -> Parts:
-    if questions not in ("all", "open"):
-        raise ValueError(f"questions must be 'all' or 'open', not {questions!r}")
+def _tokenized_f1_parts(predictions: Sequence, targets: Sequence, groups: Sequence | None, *, questions: str) -> Parts:
     scores = []
     for prediction, target in zip(predictions, targets, strict=True):
         closed = target is not None and _yes_no(" ".join(_words(target))) is not None
@@ -425,7 +495,7 @@ def rouge_l_item(prediction: Any, target: Any) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _rouge_l_parts(predictions: Sequence, targets: Sequence, groups: Sequence | None = None, **_: Any) -> Parts:
+def _rouge_l_parts(predictions: Sequence, targets: Sequence, groups: Sequence | None = None) -> Parts:
     return _mean_parts(rouge_l_item(p, t) for p, t in zip(predictions, targets, strict=True))
 
 
@@ -456,9 +526,7 @@ def match_item(prediction: Any, target: Any) -> float:
     return 0.0
 
 
-def _normalized_match_parts(
-    predictions: Sequence, targets: Sequence, groups: Sequence | None = None, **_: Any
-) -> Parts:
+def _normalized_match_parts(predictions: Sequence, targets: Sequence, groups: Sequence | None = None) -> Parts:
     return _mean_parts(match_item(p, t) for p, t in zip(predictions, targets, strict=True))
 
 
@@ -483,12 +551,7 @@ def _is_box(box: Any, key: str) -> bool:
 
 
 def _mean_iou_parts(
-    predictions: Sequence,
-    targets: Sequence,
-    groups: Sequence | None = None,
-    by_label: bool = True,
-    key: str = "box_2d",
-    **_: Any,
+    predictions: Sequence, targets: Sequence, groups: Sequence | None, *, by_label: bool, key: str
 ) -> Parts:
     return _mean_parts(_iou_item(p, t, by_label, key) for p, t in zip(predictions, targets, strict=True))
 
@@ -503,8 +566,6 @@ def mean_iou(predictions: Sequence, targets: Sequence, groups: Sequence | None =
 
 
 # ---------------------------------------------------------------- lab rows
-
-LAB_FIELDS = ("name", "result", "unit")
 
 
 def _norm_name(value: Any) -> str:
@@ -546,11 +607,7 @@ def _lab_rows(predictions: Sequence, targets: Sequence, fields: Sequence[str]) -
 
 
 def _lab_micro_parts(
-    predictions: Sequence,
-    targets: Sequence,
-    groups: Sequence | None = None,
-    fields: Sequence[str] = LAB_FIELDS,
-    **_: Any,
+    predictions: Sequence, targets: Sequence, groups: Sequence | None, *, fields: Sequence[str]
 ) -> Parts:
     rows = [(2 * tp, 2 * tp + fp + fn) for tp, fp, fn in _lab_rows(predictions, targets, fields)]
     return _ungrouped(rows, 2, _ratio(0.0))
@@ -566,11 +623,7 @@ def _lab_item_f1(prediction: Any, counts: tuple[int, int, int]) -> float:
 
 
 def _lab_macro_parts(
-    predictions: Sequence,
-    targets: Sequence,
-    groups: Sequence | None = None,
-    fields: Sequence[str] = LAB_FIELDS,
-    **_: Any,
+    predictions: Sequence, targets: Sequence, groups: Sequence | None, *, fields: Sequence[str]
 ) -> Parts:
     counts = _lab_rows(predictions, targets, fields)
     return _mean_parts(_lab_item_f1(p, c) for p, c in zip(predictions, counts, strict=True))
@@ -594,18 +647,18 @@ def lab_f1_macro(predictions: Sequence, targets: Sequence, groups: Sequence | No
     return _value(lab_f1_macro, predictions, targets, groups, options)
 
 
-for _name, _fn, _parts in (
-    ("accuracy", accuracy, _accuracy_parts),
-    ("macro_accuracy", macro_accuracy, _macro_accuracy_parts),
-    ("binary_f1_macro_by_group", binary_f1_macro_by_group, _binary_f1_parts),
-    ("closed_accuracy", closed_accuracy, _closed_accuracy_parts),
-    ("multilabel_f1_macro", multilabel_f1_macro, _multilabel_macro_parts),
-    ("multilabel_f1_micro", multilabel_f1_micro, _multilabel_micro_parts),
-    ("tokenized_f1", tokenized_f1, _tokenized_f1_parts),
-    ("rouge_l", rouge_l, _rouge_l_parts),
-    ("normalized_match", normalized_match, _normalized_match_parts),
-    ("mean_iou", mean_iou, _mean_iou_parts),
-    ("lab_f1_micro", lab_f1_micro, _lab_micro_parts),
-    ("lab_f1_macro", lab_f1_macro, _lab_macro_parts),
+for _name, _fn, _parts, _options in (
+    ("accuracy", accuracy, _accuracy_parts, MetricOptions),
+    ("macro_accuracy", macro_accuracy, _macro_accuracy_parts, MetricOptions),
+    ("binary_f1_macro_by_group", binary_f1_macro_by_group, _binary_f1_parts, MetricOptions),
+    ("closed_accuracy", closed_accuracy, _closed_accuracy_parts, MetricOptions),
+    ("multilabel_f1_macro", multilabel_f1_macro, _multilabel_macro_parts, LabelOptions),
+    ("multilabel_f1_micro", multilabel_f1_micro, _multilabel_micro_parts, LabelOptions),
+    ("tokenized_f1", tokenized_f1, _tokenized_f1_parts, QuestionOptions),
+    ("rouge_l", rouge_l, _rouge_l_parts, MetricOptions),
+    ("normalized_match", normalized_match, _normalized_match_parts, MetricOptions),
+    ("mean_iou", mean_iou, _mean_iou_parts, IouOptions),
+    ("lab_f1_micro", lab_f1_micro, _lab_micro_parts, LabOptions),
+    ("lab_f1_macro", lab_f1_macro, _lab_macro_parts, LabOptions),
 ):
-    _register(_name, _fn, _parts)
+    _register(_name, _fn, _parts, _options)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from medlens.models.cache import build_once, models_dir, write_marker
+from medlens.models.cache import build_once, models_dir
 
 #: bump when anything below changes what gets built; the cache directory name carries it
 TINY_VERSION = 1
@@ -107,21 +107,17 @@ def ensure_tiny_model(cache: str | os.PathLike[str] | None = None) -> Path:
 
 def save_tiny_model(directory: str | os.PathLike[str]) -> None:
     """Build the tokenizer, processor and model and ``save_pretrained`` them into ``directory``."""
-    from medlens.models.hf import progress_bars
+    from medlens.models.hf import save_built
 
-    directory = Path(directory)
     processor = build_processor()
     model = build_model(processor.tokenizer)
-    with progress_bars(False):
-        model.save_pretrained(directory)
-        processor.save_pretrained(directory)
     info = {
         "name": TINY_NAME,
         "version": TINY_VERSION,
         "is_test_model": True,
         "default_max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
     }
-    write_marker(directory, info)  # last: its presence means the directory is complete
+    save_built(Path(directory), (model, processor), info)
 
 
 def build_tokenizer() -> Any:

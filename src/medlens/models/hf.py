@@ -4,10 +4,12 @@ error, progress bars and warnings switched off while loading, and loader errors 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from medlens.errors import BackendUnavailableError, ModelNotAvailableError
+from medlens.models.cache import write_marker
 
 
 def import_torch_transformers(what: str = "the transformers backend") -> tuple[Any, Any]:
@@ -60,3 +62,12 @@ def loader_errors(model: str, hint: str) -> Iterator[None]:
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotAvailableError(f"model {model!r} could not be loaded offline ({reason}); {hint}") from exc
+
+
+def save_built(directory: Path, parts: Iterable[Any], info: dict[str, Any]) -> None:
+    """``save_pretrained`` every part (model, processor, tokenizer) into ``directory`` without progress bars,
+    then the marker file, last: a built-in's folder is complete once its marker exists."""
+    with progress_bars(False):
+        for part in parts:
+            part.save_pretrained(directory)
+    write_marker(directory, info)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medlens.models.builtins import TINY_SIGLIP_WARNING
-from medlens.models.cache import build_once, models_dir, write_marker
+from medlens.models.cache import build_once, models_dir
 
 #: bump when anything below changes what gets built; the cache directory name carries it
 TINY_SIGLIP_VERSION = 1
@@ -53,21 +53,17 @@ def ensure_tiny_siglip(cache: str | os.PathLike[str] | None = None) -> Path:
 
 def save_tiny_siglip(directory: str | os.PathLike[str]) -> None:
     """Build the tokenizer and the model and ``save_pretrained`` both into ``directory``."""
-    from medlens.models.hf import progress_bars
+    from medlens.models.hf import save_built
 
-    directory = Path(directory)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer)
-    with progress_bars(False):
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
     info = {
         "name": TINY_SIGLIP_NAME,
         "version": TINY_SIGLIP_VERSION,
         "is_test_model": True,
         "warning": TINY_SIGLIP_WARNING,
     }
-    write_marker(directory, info)  # last: its presence means the directory is complete
+    save_built(Path(directory), (model, tokenizer), info)
 
 
 def build_tokenizer() -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-#: 85 slices x 256 tokens = 21,760 image tokens, MedGemma 1.5's limit per query (DESIGN.md section 3)
+#: 85 slices x 256 tokens = 21,760 image tokens, MedGemma 1.5's limit per query (docs/recipe.md, Slices)
 MEDGEMMA_MAX_SLICES = 85
 
 

@@ -1,4 +1,4 @@
-"""MedSigLIP input preparation (DESIGN.md section 3): 448x448, bilinear resize WITHOUT antialiasing (as the
+"""MedSigLIP input preparation (docs/siglip.md, Preparation): 448x448, bilinear resize WITHOUT antialiasing (as the
 published numbers were computed, unlike PIL's bilinear, which antialiases when shrinking), then pixels mapped
 from 0..255 to -1..1. Pure numpy."""
 

@@ -1,4 +1,4 @@
-"""The MedGemma 1.5 whole-slide recipe (DESIGN.md section 3; report section 2.3.2), on a real slide.
+"""The MedGemma 1.5 whole-slide recipe (docs/wsi.md; report section 2.3.2), on a real slide.
 
 Thumbnail at about 5x -> HSV tissue mask -> one magnification (5x/10x/20x) -> non-overlapping 896x896
 patches on a grid over tissue -> at most 126 of them (seeded, spatial order kept) -> read in worker

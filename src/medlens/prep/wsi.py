@@ -1,4 +1,4 @@
-"""Whole-slide image preparation as pure array functions (DESIGN.md section 3, report section 2.3.2).
+"""Whole-slide image preparation as pure array functions (docs/wsi.md, report section 2.3.2).
 
 Pipeline: a tissue mask on a thumbnail at about 5x (:func:`tissue_mask`), one magnification per slide among
 5x/10x/20x (:func:`choose_magnification`, :func:`level_for`), non-overlapping 896x896 patches on a grid

@@ -48,13 +48,6 @@ class TaskOption:
     min: float | None = None
     max: float | None = None
 
-    def apply(self, options: TaskOptions, value: Any) -> None:
-        """Set ``value`` on ``options`` (its field, else ``extra``)."""
-        if self.name in TaskOptions.__dataclass_fields__:
-            setattr(options, self.name, value)
-        else:
-            options.extra[self.name] = value
-
 
 @dataclass
 class TaskRequest:

@@ -1,6 +1,6 @@
 """``localize``: bounding boxes of anatomy or findings on one 2-D image (chest X-ray first of all).
 
-As in MedGemma's localization evaluation (design notes, section 3) the image is padded to a square and the
+As in MedGemma's localization evaluation (docs/tasks.md, localize) the image is padded to a square and the
 model answers a JSON list of ``{"box_2d": [y0, x0, y1, x1], "label": ...}`` with coordinates normalised to
 0..1000 on that square; "left" is the patient's left. Boxes are also mapped back to pixels of the original
 image. Boxes are scored against references with :mod:`medlens.prep.boxes` (Chest ImaGenome reports mean IoU).
