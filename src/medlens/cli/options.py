@@ -146,7 +146,10 @@ def model_group(default: str | None, help: str, engines: bool = True) -> OptionG
     panel = "Model"
     params = [option("model", str | None if default is None else str, default, "--model", "-m", help=help, panel=panel)]
     if engines:
-        params.append(option("engine", str, "transformers", help="Backend engine (transformers, openai).", panel=panel))
+        from medlens.backends import ENGINES
+
+        engines_help = f"Backend engine ({', '.join(ENGINES)}; see docs/engines.md)."
+        params.append(option("engine", str, "transformers", help=engines_help, panel=panel))
     params += [
         option("device", str, "auto", help=f"Where the model runs: {DEVICE_CHOICES}.", panel=panel),
         option("dtype", str, "auto", help=f"Weights dtype: {DTYPE_CHOICES} (auto: bfloat16 on GPU).", panel=panel),

@@ -28,6 +28,9 @@ from medlens.prompts import image_messages, messages_for, parse_choice, parse_ye
 from medlens.registry import Registry
 
 Item = dict[str, Any]
+#: prepared studies a kind keeps for items that come back to them (the runner keeps each study's questions
+#: in one batch, so a small cache suffices; each entry is a whole prepared study, 17 MB for 85 slices of 256 px)
+PREPARED_CACHE = 2
 STRICT = ConfigDict(extra="forbid", strict=True)
 
 
@@ -108,7 +111,7 @@ class Kind:
     def __init__(self, spec: Any, recipe: str = DEFAULT_RECIPE) -> None:
         self.spec, self.recipe = spec, recipe
         self.options: Any = self.check_options(spec.options)
-        self._prepare = lru_cache(maxsize=4)(self._prepare_path)
+        self._prepare = lru_cache(maxsize=PREPARED_CACHE)(self._prepare_path)
 
     @classmethod
     def check_options(cls, raw: dict[str, Any]) -> BaseModel:
@@ -119,6 +122,11 @@ class Kind:
     def thinking(self) -> bool:
         """Whether the benchmark's generation settings switch on thinking mode."""
         return bool(self.spec.generation.thinking)
+
+    def files(self, item: Item) -> list[Path]:
+        """The input files of ``item``, found without reading them: they key the journal, so a resumed run
+        knows what is done before preparing anything. A kind that does not say builds the query to find out."""
+        return self.query(item).files
 
     def query(self, item: Item) -> Query:
         raise NotImplementedError
@@ -171,13 +179,16 @@ class MultipleChoice(Kind):
 
     options_model = ImageOptions
 
+    def files(self, item: Item) -> list[Path]:
+        return [self.path(item)] if item.get("image") else []
+
     def query(self, item: Item) -> Query:
         options, letters = _options_text(item["options"])
         prompt = self.fill(question=item["question"], options=options)
-        if item.get("image"):
-            path = self.path(item)
-            messages = messages_for(self.prepared(path), prompt, thinking=self.thinking)
-            return Query(messages, [path], {"letters": letters})
+        files = self.files(item)
+        if files:
+            messages = messages_for(self.prepared(files[0]), prompt, thinking=self.thinking)
+            return Query(messages, files, {"letters": letters})
         return Query(text_messages(prompt, self.thinking), [], {"letters": letters})
 
     def predict(self, text: str, item: Item, context: dict[str, Any]) -> Any:
@@ -189,6 +200,9 @@ class ClosedLabel(Kind):
     """A text question answered with one of a few labels (PubMedQA yes/no/maybe, EHRQA)."""
 
     options_model = LabelOptions
+
+    def files(self, item: Item) -> list[Path]:
+        return []
 
     def query(self, item: Item) -> Query:
         prompt = self.fill(**{k: v for k, v in item.items() if not k.startswith("_")})
@@ -211,6 +225,9 @@ class VisualQuestion(Kind):
 
     options_model = ImageOptions
 
+    def files(self, item: Item) -> list[Path]:
+        return [self.path(item)]
+
     def query(self, item: Item) -> Query:
         path = self.path(item)
         prompt = self.fill(question=item["question"])
@@ -228,6 +245,9 @@ class ConditionQuestion(Kind):
     CT and MRI datasets); ``group`` is the condition, so per-condition metrics follow."""
 
     options_model = ConditionOptions
+
+    def files(self, item: Item) -> list[Path]:
+        return [self.path(item)]
 
     def query(self, item: Item) -> Query:
         path = self.path(item)
@@ -259,8 +279,11 @@ class ImagesText(Kind):
 
     options_model = ImageOptions
 
+    def files(self, item: Item) -> list[Path]:
+        return [Path(p) if Path(p).is_absolute() else Path(item["_base"]) / p for p in item["images"]]
+
     def query(self, item: Item) -> Query:
-        paths = [Path(p) if Path(p).is_absolute() else Path(item["_base"]) / p for p in item["images"]]
+        paths = self.files(item)
         images = [img for path in paths for img in self.prepared(path).images]
         prompt = self.fill(**{k: v for k, v in item.items() if not k.startswith("_") and isinstance(v, str)})
         return Query(image_messages(images, prompt, thinking=self.thinking), paths)
@@ -297,8 +320,11 @@ class TaskKind(Kind):
         validated(task_settings_model(options.task), options.task_options, ("options", "task_options"))
         return options
 
+    def files(self, item: Item) -> list[Path]:
+        return [self.path(item, key) for key in self.options.inputs]
+
     def query(self, item: Item) -> Query:
-        paths = [self.path(item, key) for key in self.options.inputs]
+        paths = self.files(item)
         build = self.task.build(paths, item.get("question") or "", self.task_options)
         (request,) = build.requests
         return Query(request.messages, paths, request.context)
@@ -374,6 +400,9 @@ class ReportFindings(Kind):
     """A text report in, the present findings out, from a fixed label list (``iu-cxr-findings``)."""
 
     options_model = FindingsOptions
+
+    def files(self, item: Item) -> list[Path]:
+        return []
 
     def query(self, item: Item) -> Query:
         prompt = self.fill(report=item["report"], labels=", ".join(self.options.labels))

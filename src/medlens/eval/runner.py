@@ -1,10 +1,15 @@
 """``medlens eval``: run a benchmark on any backend, journaling every output, then score it.
 
-Each item's request is keyed by the content of its inputs, the model revision, the benchmark's prompt
-template hash, the generation parameters (token cap, temperature, thinking, seed) and the medlens version.
-Greedy outputs already in the run's journal are reused, so rerunning the same command after a crash (even
-``kill -9``) redoes nothing and ends with the same results as an uninterrupted run. Sampled outputs
-(temperature > 0) are never reused.
+Each item is keyed by its fields and its input files' content hashes (no preparation needed), the model
+revision, the benchmark's prompt template hash, the generation parameters (token cap, temperature, thinking,
+seed) and the medlens version. Greedy outputs already in the run's journal are reused, so rerunning the same
+command after a crash (even ``kill -9``) prepares and generates nothing that is done, and ends with the same
+results as an uninterrupted run. Sampled outputs (temperature > 0) are never reused.
+
+The run streams: only the items the journal lacks are prepared, one batch at a time (consecutive questions
+about one study stay in one batch, sharing its preparation and prefix), and each batch's images are dropped
+once its outputs are journaled, so memory stays that of a batch, not of the benchmark. What scoring needs
+later (the prompt text, the parser's context such as a padded image size) is journaled with each output.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import hashlib
 import json
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from medlens import DISCLAIMER, __version__
-from medlens.backends import Backend, GenerationRequest, load_backend
+from medlens.backends import Backend, GenerationOutput, GenerationRequest, load_backend
+from medlens.backends.base import GenerationFailed
 from medlens.errors import MedlensError
 from medlens.eval.data import data_root, load_items
 from medlens.eval.journal import Journal
@@ -61,23 +68,21 @@ def run_benchmark(
     start = time.perf_counter()
     backend = model if isinstance(model, Backend) else load_backend(model, engine, **(backend_options or {}))
     generation = spec.generation.resolved(backend.default_max_new_tokens)
-    revision = backend.revision
     hashes: dict[Path, str] = {}
-    with reporter.stage(f"{spec.name}: preparing", total=len(items)) as update:
-        queries, keys = [], []
+    with reporter.stage(f"{spec.name}: hashing inputs", total=len(items)) as update:
+        files, keys = [], []
         for number, item in enumerate(items, start=1):
-            query = kind.query(item)
-            queries.append(query)
-            keys.append(_key(spec, item, query, revision, generation, hashes))
+            files.append(kind.files(item))
+            keys.append(_key(spec, item, files[-1], backend.revision, generation, hashes))
             update(number, len(items))
     with Journal(out) as journal:
-        reused = _generate_missing(journal, backend, spec, items, queries, keys, generation, batch_size, reporter)
+        reused = _generate_missing(journal, backend, kind, items, files, keys, generation, batch_size, reporter)
         records = [journal.get(key) for key in keys]
     samples = [
-        _sample(kind, item, query, key, record, hashes)
-        for item, query, key, record in zip(items, queries, keys, records, strict=True)
+        _sample(kind, item, paths, key, record or {}, hashes)
+        for item, paths, key, record in zip(items, files, keys, records, strict=True)
     ]
-    results = _results(spec, samples, backend, revision, generation, n_resamples, reused, limit)
+    results = _results(spec, samples, backend, generation, n_resamples, reused, limit)
     if judge is not None:
         _add_judge(results, samples, judge, engine, backend_options or {}, out, n_resamples)
     results["timings"] = {"total": round(time.perf_counter() - start, 3)}
@@ -89,58 +94,95 @@ def run_benchmark(
 def _generate_missing(
     journal: Journal,
     backend: Backend,
-    spec: BenchmarkSpec,
+    kind: Kind,
     items: list[Item],
-    queries: list[Query],
+    files: list[list[Path]],
     keys: list[str],
     generation: Generation,
     batch_size: int,
     reporter: Reporter,
 ) -> int:
-    """Generate the items not journaled yet (all of them when sampling), in batches; returns how many were reused."""
+    """Prepare and generate the items not journaled yet (all of them when sampling), a batch at a time;
+    returns how many were reused. A backend failure journals what the batch completed, then propagates."""
     greedy = generation.temperature == 0
     todo = [i for i, key in enumerate(keys) if not (greedy and journal.get(key))]
-    with reporter.stage(f"{spec.name}: generating ({len(keys) - len(todo)} reused)", total=len(todo)) as update:
-        for done in range(0, len(todo), batch_size):
-            batch = todo[done : done + batch_size]
+    title = f"{kind.spec.name}: generating ({len(keys) - len(todo)} reused)"
+    with reporter.stage(title, total=len(todo)) as update:
+        done = 0
+        for batch in study_batches(todo, files, batch_size):
+            queries = [kind.query(items[i]) for i in batch]
             requests = [
                 GenerationRequest(
-                    queries[i].messages,
+                    query.messages,
                     max_new_tokens=generation.max_new_tokens,
                     temperature=generation.temperature,
                     seed=generation.seed,
                 )
-                for i in batch
+                for query in queries
             ]
-            for i, output in zip(batch, backend.generate(requests), strict=True):
-                journal.add(
-                    {
-                        "key": keys[i],
-                        "id": items[i]["id"],
-                        "raw_output": output.text,
-                        "prompt_tokens": output.prompt_tokens,
-                        "completion_tokens": output.completion_tokens,
-                        "finish_reason": output.finish_reason,
-                    }
-                )
-            update(min(done + batch_size, len(todo)), len(todo))
+            try:
+                outputs = dict(enumerate(backend.generate(requests)))
+            except GenerationFailed as failed:
+                _journal(journal, batch, items, keys, queries, failed.outputs)
+                raise
+            _journal(journal, batch, items, keys, queries, outputs)
+            done += len(batch)
+            update(done, len(todo))
     return len(keys) - len(todo)
+
+
+def study_batches(todo: list[int], files: list[list[Path]], batch_size: int) -> Iterator[list[int]]:
+    """``todo`` in batches of ``batch_size``, a batch extended while the next item asks about the same inputs
+    (so all questions about one study share its preparation and, in the engine, its prefix)."""
+    batch: list[int] = []
+    for i in todo:
+        if len(batch) >= batch_size and files[i] != files[batch[-1]]:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def _journal(
+    journal: Journal,
+    batch: list[int],
+    items: list[Item],
+    keys: list[str],
+    queries: list[Query],
+    outputs: dict[int, GenerationOutput],
+) -> None:
+    """Journal each output with what scoring needs later: the prompt text and the parser's context."""
+    for position, output in sorted(outputs.items()):
+        i, query = batch[position], queries[position]
+        journal.add(
+            {
+                "key": keys[i],
+                "id": items[i]["id"],
+                "raw_output": output.text,
+                "prompt_tokens": output.prompt_tokens,
+                "completion_tokens": output.completion_tokens,
+                "finish_reason": output.finish_reason,
+                "prompt": _prompt_text(query),
+                "context": json.loads(json.dumps(query.context, default=str)),
+            }
+        )
 
 
 def _key(
     spec: BenchmarkSpec,
     item: Item,
-    query: Query,
+    files: list[Path],
     revision: str,
     generation: Generation,
     hashes: dict[Path, str],
 ) -> str:
-    for path in query.files:
+    for path in files:
         if path not in hashes:
             hashes[path] = sha256_of(path)
     content = {
         "item": {k: v for k, v in item.items() if not k.startswith("_")},
-        "inputs": [hashes[p] for p in query.files],
+        "inputs": [hashes[p] for p in files],
         "model": revision,
         "template": spec.template_hash,
         "generation": generation.model_dump(),
@@ -150,15 +192,22 @@ def _key(
 
 
 def _sample(
-    kind: Kind, item: Item, query: Query, key: str, record: dict[str, Any] | None, hashes: dict[Path, str]
+    kind: Kind, item: Item, files: list[Path], key: str, record: dict[str, Any], hashes: dict[Path, str]
 ) -> dict[str, Any]:
-    raw = (record or {}).get("raw_output", "")
+    """One scored item from its journal record (a record without a context was journaled by an older
+    medlens: its query is rebuilt)."""
+    raw = record.get("raw_output", "")
+    if "context" in record:
+        prompt, context = record.get("prompt", ""), record["context"]
+    else:
+        query = kind.query(item)
+        prompt, context = _prompt_text(query), query.context
     return {
         "id": item["id"],
-        "inputs": {str(p): hashes[p] for p in query.files},
-        "prompt": _prompt_text(query),
+        "inputs": {str(p): hashes[p] for p in files},
+        "prompt": prompt,
         "raw_output": raw,
-        "prediction": kind.predict(raw, item, query.context),
+        "prediction": kind.predict(raw, item, context),
         "target": kind.target(item),
         "group": kind.group(item),
         "scores": {},
@@ -179,7 +228,6 @@ def _results(
     spec: BenchmarkSpec,
     samples: list[dict[str, Any]],
     backend: Backend,
-    revision: str,
     generation: Generation,
     n_resamples: int,
     reused: int,
@@ -210,7 +258,7 @@ def _results(
         "description": spec.description,
         "model": backend.model_name,
         "engine": backend.engine,
-        "model_revision": revision,
+        "model_revision": backend.revision,
         "untrained_test_model": backend.is_test_model,
         "model_warning": backend.model_warning,
         "n_items": len(samples),
