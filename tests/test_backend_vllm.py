@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("torch")
 
 from medlens.backends import GenerationRequest, load_backend
+from medlens.backends.base import GenerationFailed
 from medlens.backends.vllm_backend import TESTED_VERSIONS, VLLMBackend, version_warning
 from medlens.errors import BackendUnavailableError, MedlensError
 
@@ -138,8 +139,9 @@ def test_fixed_limits_sampling_and_cut_answers(fake):
     assert fake.engines[-1]["max_model_len"] == 2048 and fake.engines[-1]["limit_mm_per_prompt"] == {"image": 2}
     with pytest.raises(MedlensError, match="3 images, more than max_images=2"):
         backend.generate([_volume_request(3, "Q?")])
-    with pytest.raises(MedlensError, match=r"request 1 needs \d+ prompt tokens \+ 5000 new tokens"):
+    with pytest.raises(GenerationFailed, match=r"request index 1 of 2 failed .*needs \d+ tokens \+ 5000 new") as info:
         backend.generate([_volume_request(1, "Q?"), _volume_request(1, "Q?", max_new_tokens=5000)])
+    assert info.value.index == 1 and info.value.outputs == {}  # refused before anything ran
 
 
 def test_versions_outside_the_supported_range_warn(fake):

@@ -125,24 +125,18 @@ def test_server_greedy_is_deterministic(served: Any) -> None:
     assert first.text and (first.text, first.completion_tokens) == (second.text, second.completion_tokens)
 
 
-def test_cli_ask_through_the_server(llamacpp_server: str, tmp_path: Path, cli: Any) -> None:
-    notes = tmp_path / "notes.md"
+def ask_about_notes(cli: Any, folder: Path, model: str, tokens: int) -> dict[str, Any]:
+    """``medlens ask NOTES QUESTION --task ehr-qa`` with ``model``: the envelope (exit code 0 checked)."""
+    notes = folder / "notes.md"
     notes.write_text(NOTES)
-    model = f"openai:gemma-3-270m@{llamacpp_server}"
-    code, out, err = cli(
-        "ask",
-        notes,
-        "Was the exercise test negative?",
-        "--task",
-        "ehr-qa",
-        "--model",
-        model,
-        "--max-new-tokens",
-        "8",
-        "-q",
-    )
+    args = ("ask", notes, "Was the exercise test negative?", "--task", "ehr-qa", "--model", model)
+    code, out, err = cli(*args, "--max-new-tokens", str(tokens), "-q")
     assert code == 0, err
-    result = json.loads(out)
+    return json.loads(out)
+
+
+def test_cli_ask_through_the_server(llamacpp_server: str, tmp_path: Path, cli: Any) -> None:
+    result = ask_about_notes(cli, tmp_path, f"openai:gemma-3-270m@{llamacpp_server}", 8)
     assert (result["task"], result["engine"], result["model"], result["n_images"]) == (
         "ehr-qa",
         "openai",
@@ -154,10 +148,7 @@ def test_cli_ask_through_the_server(llamacpp_server: str, tmp_path: Path, cli: A
     assert result["disclaimer"] == "Research use only, not for clinical decisions."
     # the task's text-only parts reach the server as one string, so it renders the whole prompt: the same
     # token count as the in-process engine (a list of parts would have been dropped: 7 tokens)
-    code, out, err = cli("ask", notes, "Was the exercise test negative?", "--task", "ehr-qa", "--model",
-                         "llamacpp:gemma-3-270m", "--max-new-tokens", "8", "-q")  # fmt: skip
-    assert code == 0, err
-    assert result["prompt_tokens"] == json.loads(out)["prompt_tokens"]
+    assert result["prompt_tokens"] == ask_about_notes(cli, tmp_path, "llamacpp:gemma-3-270m", 8)["prompt_tokens"]
 
 
 def test_server_prompt_rendering(llamacpp_server_process: LlamaServer, engine: Any) -> None:
@@ -303,22 +294,7 @@ def test_server_parity_with_the_engine(llamacpp_server_process: LlamaServer, ser
 
 @needs_llamacpp
 def test_cli_ask_in_process(tmp_path: Path, cli: Any, engine: Any) -> None:
-    notes = tmp_path / "notes.md"
-    notes.write_text(NOTES)
-    code, out, err = cli(
-        "ask",
-        notes,
-        "Was the exercise test negative?",
-        "--task",
-        "ehr-qa",
-        "--model",
-        "llamacpp:gemma-3-270m",
-        "--max-new-tokens",
-        "6",
-        "-q",
-    )
-    assert code == 0, err
-    result = json.loads(out)
+    result = ask_about_notes(cli, tmp_path, "llamacpp:gemma-3-270m", 6)
     assert (result["engine"], result["model"], result["completion_tokens"], result["finish_reason"]) == (
         "llamacpp",
         "gemma-3-270m",

@@ -37,14 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from medlens.backends.base import Backend, GenerationOutput, GenerationRequest, Messages
-from medlens.backends.rendering import clean_completion, gemma_chat_prompt, image_parts, openai_messages
+from medlens.backends.rendering import END_TOKENS, clean_completion, gemma_chat_prompt, image_parts, openai_messages
 from medlens.errors import BackendUnavailableError, MedlensError, ModelNotAvailableError
 from medlens.models import GENERATE, model_fingerprint, resolve_model
 
 ENGINE = "llamacpp"
 INSTALL_HINT = "run `make llamacpp` (builds it once) or `pip install 'medlens[llamacpp]'`"
-#: tokens that end a completion besides the model's end-of-sequence token (when the vocabulary has them)
-END_TOKENS = ("<eos>", "<end_of_turn>")
 DEFAULT_N_CTX = 8192
 
 

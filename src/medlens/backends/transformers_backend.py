@@ -35,7 +35,6 @@ from medlens.models import GENERATE, ModelSource, model_fingerprint, resolve_mod
 from medlens.models.hf import import_torch_transformers, loader_errors, progress_bars
 from medlens.models.resolve import DOWNLOAD_HINTS
 
-_END_TOKENS = END_TOKENS
 #: a shared prefix shorter than this is not worth a separate prefill
 MIN_SHARED_PREFIX_TOKENS = 16
 #: ``tie_margin`` when none is given: float32 (and float64) batches are checked against perturbations far
@@ -156,7 +155,7 @@ class TransformersBackend(Backend):
         if configured is not None:
             ids.update(configured if isinstance(configured, list) else [configured])
         vocab = tokenizer.get_vocab()
-        ids.update(vocab[t] for t in _END_TOKENS if t in vocab)
+        ids.update(vocab[t] for t in END_TOKENS if t in vocab)
         return ids
 
     def render(self, messages: Messages) -> str:

@@ -18,7 +18,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from medlens.backends.base import Backend, GenerationOutput, GenerationRequest, Messages, ProgressCallback
+from medlens.backends.base import (
+    Backend,
+    GenerationFailed,
+    GenerationOutput,
+    GenerationRequest,
+    Messages,
+    ProgressCallback,
+)
 from medlens.backends.rendering import END_TOKENS, clean_completion, image_parts, render_prompt, to_pil
 from medlens.errors import BackendUnavailableError, MedlensError
 from medlens.models import GENERATE, ModelSource, model_fingerprint, resolve_model
@@ -212,10 +219,11 @@ class VLLMBackend(Backend):
         limit = self._fixed["max_model_len"] or _context_of(self.source)
         for number, (length, cap) in enumerate(zip(lengths, caps, strict=True)):
             if limit and length + cap > limit:
-                raise MedlensError(
-                    f"request {number} needs {length} prompt tokens + {cap} new tokens, more than the "
-                    f"{limit}-token context of {self.model_name}"
+                error = MedlensError(
+                    f"the prompt needs {length} tokens + {cap} new tokens, more than the {limit}-token context "
+                    f"of {self.model_name}"
                 )
+                raise GenerationFailed.wrap(error, number, {}, len(lengths))
 
     def close(self) -> None:
         """Drop the engine (and its GPU memory)."""

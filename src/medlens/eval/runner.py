@@ -124,11 +124,21 @@ def _generate_missing(
                 outputs = dict(enumerate(backend.generate(requests)))
             except GenerationFailed as failed:
                 _journal(journal, batch, items, keys, queries, failed.outputs)
+                _name_item(failed, items[batch[failed.index]])
                 raise
             _journal(journal, batch, items, keys, queries, outputs)
             done += len(batch)
             update(done, len(todo))
     return len(keys) - len(todo)
+
+
+def _name_item(failed: GenerationFailed, item: Item) -> None:
+    """Say which benchmark item failed (the engine knows only its place in the batch); the type stays."""
+    done = len(failed.outputs)
+    failed.reason = (
+        f"item {item.get('id')}: {failed.error.reason} ({done} outputs of the batch journaled; rerun to resume)"
+    )
+    failed.args = (f"{failed.path}: {failed.reason}" if failed.path else failed.reason,)
 
 
 def study_batches(todo: list[int], files: list[list[Path]], batch_size: int) -> Iterator[list[int]]:
