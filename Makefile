@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: install llamacpp vllm-cpu demo test lint bench clean
+.PHONY: install llamacpp vllm-cpu demo test lint bench clean fuzz fuzz-ci
 
 install: $(STAMP)
 
@@ -74,6 +74,16 @@ lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/lint-imports
+
+# Fuzzing (tests/fuzz): every reader and parser; atheris when installed, else a byte-mutation loop.
+FUZZ_SECONDS ?= 600
+FUZZ_CI_SECONDS ?= 30
+
+fuzz: install
+	$(BIN)/python -m tests.fuzz all --seconds $(FUZZ_SECONDS) --jobs $(JOBS)
+
+fuzz-ci: install
+	$(BIN)/python -m tests.fuzz all --seconds $(FUZZ_CI_SECONDS) --jobs 2 --engine mutate
 
 bench: install
 	$(BIN)/python bench/prepare_ct.py

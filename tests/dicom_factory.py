@@ -511,3 +511,84 @@ def truncate(path: Path, keep_fraction: float, dest: Path | None = None) -> Path
     with open(target, "r+b") as fh:
         fh.truncate(int(size * keep_fraction))
     return target
+
+
+# ---- layouts that are not slices (issue 11, item 4) ---------------------------------------------------
+
+
+def csa2_header(tags: Mapping[str, Sequence[str]]) -> bytes:
+    """A minimal Siemens CSA2 header: "SV10", 4 unused bytes, n_tags, 77; per tag a 64-byte name, vm, 4-byte
+    VR, syngodt, n_items, 77; per item four int32 (the first is the length), then the value padded to 4."""
+    import struct
+
+    out = bytearray(b"SV10" + b"\x04\x03\x02\x01" + struct.pack("<II", len(tags), 77))
+    for name, items in tags.items():
+        out += name.encode().ljust(64, b"\x00")
+        out += struct.pack("<i4siii", len(items), b"IS\x00\x00", 6, len(items), 77)
+        for value in items:
+            data = value.encode() + b"\x00"
+            out += struct.pack("<4i", len(data), len(data), 77, len(data))
+            out += data.ljust(-(-len(data) // 4) * 4, b"\x00")
+    return bytes(out)
+
+
+def write_mosaic(
+    path: Path,
+    slices: np.ndarray,
+    *,
+    count_in_csa: int | None = -1,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """A Siemens MR MOSAIC of ``slices`` (N, h, w) tiled row-major in a ceil(sqrt(N)) grid (unused tiles 0).
+    ``count_in_csa`` is the NumberOfImagesInMosaic written in the CSA header: -1 writes N, None no CSA header."""
+    slices = np.asarray(slices)
+    n, h, w = slices.shape
+    grid = int(np.ceil(np.sqrt(n)))
+    mosaic = np.zeros((grid * h, grid * w), slices.dtype)
+    for i in range(n):
+        r, c = divmod(i, grid)
+        mosaic[r * h : (r + 1) * h, c * w : (c + 1) * w] = slices[i]
+    ds = _dataset(MRImageStorage, "MR", None, None)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"]
+    ds.Manufacturer = "SIEMENS"
+    ds.ImagePositionPatient = [0.0, 0.0, 0.0]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [2.0, 2.0]
+    if count_in_csa is not None:
+        block = ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)
+        count = n if count_in_csa == -1 else count_in_csa
+        block.add_new(0x10, "OB", csa2_header({"NumberOfImagesInMosaic": [str(count)], "SliceThickness": ["2"]}))
+    _set_pixels(ds, mosaic, "MONOCHROME2")
+    return _save(ds, path, extra=extra)
+
+
+def write_cine(
+    path: Path,
+    frames: np.ndarray,
+    *,
+    modality: str = "US",
+    frame_time: float | None = 33.3,
+    secondary_capture: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """A multi-frame clip without per-frame positions: an ultrasound (``modality`` "US") or "XA" cine (FrameTime and a
+    FrameIncrementPointer to it) of (N, H, W, 3) RGB or (N, H, W) grey frames, or, with
+    ``secondary_capture``, a multi-frame secondary capture (no timing)."""
+    from pydicom.uid import (
+        MultiFrameTrueColorSecondaryCaptureImageStorage,
+        UltrasoundMultiFrameImageStorage,
+        XRayAngiographicImageStorage,
+    )
+
+    cine_classes = {"US": UltrasoundMultiFrameImageStorage, "XA": XRayAngiographicImageStorage}
+
+    frames = np.asarray(frames)
+    cine_classes = {"US": UltrasoundMultiFrameImageStorage, "XA": XRayAngiographicImageStorage}
+    sop = MultiFrameTrueColorSecondaryCaptureImageStorage if secondary_capture else cine_classes[modality]
+    ds = _dataset(sop, modality, None, None)
+    ds.ImageType = ["DERIVED", "SECONDARY"] if secondary_capture else ["ORIGINAL", "PRIMARY"]
+    if frame_time is not None and not secondary_capture:
+        ds.FrameTime = frame_time
+        ds.FrameIncrementPointer = 0x00181063
+    _set_pixels(ds, frames, "RGB" if frames.ndim == 4 else "MONOCHROME2")
+    return _save(ds, path, extra=extra)

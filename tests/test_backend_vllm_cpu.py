@@ -33,7 +33,7 @@ def main():
     from medlens.backends import GenerationRequest
     from medlens.backends.vllm_backend import VLLMBackend
 
-    backend = VLLMBackend(sys.argv[1], dtype="float32", gpu_memory_utilization=0.15, enforce_eager=True)
+    backend = VLLMBackend(sys.argv[1], dtype="float32", kv_cache_memory_bytes=512 * 2**20, enforce_eager=True)
     prompts = json.loads(sys.argv[2])
     requests = [GenerationRequest([{"role": "user", "content": p}], max_new_tokens=12) for p in prompts]
     outputs = backend.generate(requests)

@@ -112,8 +112,8 @@ def test_series_option_and_inspect(tmp_path, cli):
         (["prepare", "{missing}", "--out", "{out}"], "no such file or folder"),
         (["prepare", "{junk}", "--out", "{out}"], "not a DICOM file"),
         (["prepare", "{junk}", "--out", "{out}", "--recipe", "medgemma-15"], "did you mean 'medgemma-1.5'"),
-        (["ask", "{junk}", "Q"], "not a DICOM file"),
-        (["ask", "{png}", "Q", "--model", "no-such-model"], "no-such-model"),
+        (["ask", "{junk}", "Q?"], "not a DICOM file"),
+        (["ask", "{png}", "Q?", "--model", "no-such-model"], "no-such-model"),
         (["prepare", "--out", "{out}"], "Missing argument"),
     ],
 )
@@ -156,3 +156,25 @@ def test_import_and_prepare_do_not_import_torch(ct_study, tmp_path):
 def test_console_script_runs():
     proc = subprocess.run([sys.executable, "-m", "medlens.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "prepare" in proc.stdout and "Research use only" in proc.stdout
+
+
+def _has_overwrite() -> bool:
+    import inspect
+
+    from medlens.prep import write_prepared
+
+    return "overwrite" in inspect.signature(write_prepared).parameters
+
+
+@pytest.mark.skipif(not _has_overwrite(), reason="write_prepared(overwrite=) not there yet")
+def test_prepare_refuses_an_earlier_output_without_overwrite(tmp_path, cli):
+    png = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(png)
+    folder = tmp_path / "s"
+    write_ct_series(ct_phantom(n_slices=4, size=32)[0], folder)
+    assert cli("prepare", folder, "--out", tmp_path / "o", "-q")[0] == 0
+    assert len(list((tmp_path / "o").glob("*.png"))) == 4
+    code, _, err = cli("prepare", png, "--out", tmp_path / "o", "-q")
+    assert code == 2 and "overwrite" in err
+    assert cli("prepare", png, "--out", tmp_path / "o", "--overwrite", "-q")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == ["0001.png"]  # no stale images

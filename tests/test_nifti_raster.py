@@ -100,5 +100,5 @@ def test_bad_images(tmp_path):
 
 def test_task_inputs_given_as_studies_point_to_the_task(tmp_path, cli):
     (tmp_path / "labs.pdf").write_bytes(b"%PDF-1.4\n")
-    code, _, err = cli("prepare", tmp_path / "labs.pdf", "--out", tmp_path / "o")
+    code, _, err = cli("ask", tmp_path / "labs.pdf", "Q?", "--quiet")
     assert code == 2 and "--task lab-extract" in err

@@ -250,3 +250,37 @@ def test_level_for() -> None:
     assert level_for(20, 10, [1.0, 4.0]) == (0, 2.0)  # only upsampling reaches 20x
     with pytest.raises(ValueError):
         level_for(20, 40, [])
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2, 3, 5])
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.95])
+def test_fast_morphology_equals_scipy(radius, density):
+    from scipy import ndimage
+
+    from medlens.prep.wsi import _disk, binary_dilate, binary_erode
+
+    rng = np.random.default_rng(radius * 10 + int(density * 100))
+    for shape in [(1, 1), (3, 40), (41, 29), (64, 64)]:
+        m = rng.random(shape) < density
+        disk = _disk(radius)
+        assert np.array_equal(binary_erode(m, disk), ndimage.binary_erosion(m, structure=disk))
+        assert np.array_equal(binary_dilate(m, disk), ndimage.binary_dilation(m, structure=disk))
+        cross = ndimage.generate_binary_structure(2, 1)
+        assert np.array_equal(binary_erode(m, cross, 4), ndimage.binary_erosion(m, structure=cross, iterations=4))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_table_colour_stages_equal_the_per_pixel_way(seed):
+    """S/V from the (max, max - min) table and the Otsu cut from pair counts equal the per-pixel float way."""
+    from scipy import ndimage
+
+    from medlens.prep.wsi import _otsu_threshold, _rgb_to_sv, tissue_mask
+
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
+    img[: 40 + seed * 10] = np.clip(img[: 40 + seed * 10] // 6 + 215, 0, 255)  # glass-like rows
+    s, v = _rgb_to_sv(img)
+    thr = float(np.clip(_otsu_threshold(s), 0.07, 0.2))
+    expected = ndimage.binary_fill_holes((s > thr) & (v <= 0.94) & ~(v < 0.2)) & ~(v < 0.2)
+    got = tissue_mask(img, open_radius=0, close_radius=0, dark_margin=0, min_area_fraction=0.0)
+    assert expected.any() and np.array_equal(got, expected)

@@ -272,3 +272,37 @@ def test_ask_about_a_slide_uses_the_recipe_layout(slides, tiny_backend):
     assert result["n_images"] == n and result["details"]["family"] == "wsi"
     assert result["details"]["magnification"] == 20.0 and len(result["details"]["patches"]) == n
     assert "Research use only" in result["disclaimer"]
+
+
+def _scipy_morphology(monkeypatch) -> None:
+    """Put the old, scipy-only morphology back into the recipe (the reference the fast path must equal)."""
+    from scipy import ndimage
+
+    import medlens.prep.slide_recipe as recipe_mod
+    import medlens.prep.wsi as wsi_mod
+
+    def erode(mask, structure, iterations=1):
+        return ndimage.binary_erosion(mask, structure=structure, iterations=iterations)
+
+    def dilate(mask, structure):
+        return ndimage.binary_dilation(mask, structure=structure)
+
+    monkeypatch.setattr(wsi_mod, "binary_erode", erode)
+    monkeypatch.setattr(wsi_mod, "binary_dilate", dilate)
+    monkeypatch.setattr(recipe_mod, "binary_erode", erode)
+
+
+@pytest.mark.parametrize("kind", ["svs", "tiff"])
+def test_chosen_patches_equal_the_scipy_reference(slides, kind, monkeypatch):
+    """The fast morphology must not move a single patch: level, coordinates, fractions, pixels and overview
+    equal those of the recipe run with scipy's own erosion/dilation."""
+    spec = SlideSpec(str(slides[kind].path))
+    fast = prepare_slide(spec, "medgemma-1.5", SlideOptions(workers=0, min_tissue=0.3))
+    with monkeypatch.context() as m:
+        _scipy_morphology(m)
+        ref = prepare_slide(spec, "medgemma-1.5", SlideOptions(workers=0, min_tissue=0.3))
+    assert len(ref.image_meta) > 1
+    assert fast.image_meta == ref.image_meta
+    assert fast.meta["level"] == ref.meta["level"] and fast.meta["n_tissue_patches"] == ref.meta["n_tissue_patches"]
+    assert all(np.array_equal(a, b) for a, b in zip(fast.images, ref.images, strict=True))
+    assert np.array_equal(fast.overview, ref.overview)

@@ -228,7 +228,8 @@ def _declared_options() -> dict[str, tuple[TaskOption, list[str]]]:
     return found
 
 
-def test_task_options_are_the_cli_options(cli):
+def test_task_options_are_the_cli_options(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")  # wide enough that rich shows every flag whole
     assert {"recipe", "series", "overlay", "dpi", "token_budget", "reasoner"} <= set(TaskOptions.__dataclass_fields__)
     declared = _declared_options()
     assert {"overlay", "dpi", "token_budget", "reasoner"} <= set(declared)
@@ -266,7 +267,14 @@ def _note(path):
 
 
 #: a value other than the default for each declared option
-OTHER_VALUES = {"dpi": "200", "token_budget": "300", "overlay": "{tmp}/boxes.png", "reasoner": "test-tiny"}
+#: a value for each declared option (None: a flag that takes no value)
+OTHER_VALUES = {
+    "dpi": "200",
+    "token_budget": "300",
+    "overlay": "{tmp}/boxes.png",
+    "reasoner": "test-tiny",
+    "allow_different_patients": None,
+}
 
 
 def test_other_values_cover_every_declared_option():
@@ -300,8 +308,9 @@ def test_another_tasks_option_exits_2_naming_the_flag(tmp_path, cli, name):
     users = _declared_options()[name][1]
     other = next(task for task in ("qa", "report", "compare") if task not in users)
     path = _cxr(tmp_path / "a.dcm", "20240101")
-    value = OTHER_VALUES[name].format(tmp=tmp_path)
-    code, out, err = cli("ask", path, "Is it normal?", "--task", other, _flag(name), value, "-q")
+    value = OTHER_VALUES[name]
+    given = [_flag(name)] if value is None else [_flag(name), value.format(tmp=tmp_path)]
+    code, out, err = cli("ask", path, "Is it normal?", "--task", other, *given, "-q")
     assert code == 2 and out == ""
     assert err == f"medlens: error: {_flag(name)} is an option of {', '.join(users)}, not of task {other}\n"
     assert not (tmp_path / "boxes.png").exists()

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from medlens.backends import Backend, engine_options
+from medlens.io.discover import unsafe_members
 from medlens.prep import prepare_study, write_prepared
 from medlens.progress import Reporter
-from medlens.tasks import TaskOptions, get_task
+from medlens.tasks import TaskBuild, TaskOptions, get_task
 from medlens.tasks.runner import run_task
 
 
@@ -24,6 +25,7 @@ def ask(
     device: str = "auto",
     dtype: str = "auto",
     model_args: dict[str, Any] | None = None,
+    on_build: Callable[[TaskBuild], None] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Run ``task`` (default ``qa``: a question about one study) and return the result envelope as a dict.
@@ -33,10 +35,16 @@ def ask(
     :class:`~medlens.backends.Backend` (reused across calls). ``device``, ``dtype`` and ``model_args`` go to
     the engine when it loads the model. ``options`` are :class:`~medlens.tasks.TaskOptions` fields: recipe,
     series, modality, instruction, thinking, max_new_tokens, overlay, dpi, token_budget, reasoner, slide.
+    ``on_build``, when given, is called with each :class:`~medlens.tasks.TaskBuild` the task makes (its
+    requests hold the prepared images exactly as sent, and each request's parse context), e.g. to show them.
+    Zip members skipped for safety are named in the envelope's warnings.
     """
     inputs = [path] if isinstance(path, str | Path) else list(path)
+    chosen = get_task(task)
+    if on_build is not None:
+        chosen.build = _watched(chosen.build, on_build)  # type: ignore[method-assign]
     envelope = run_task(
-        get_task(task),
+        chosen,
         inputs,
         question,
         model,
@@ -45,7 +53,18 @@ def ask(
         reporter=reporter,
         backend_options=engine_options(device, dtype, model_args),
     )
+    unsafe = [line for p in inputs if str(p).lower().endswith(".zip") for line in unsafe_members(p)]
+    envelope.warnings[:0] = [w for w in unsafe if w not in envelope.warnings]
     return envelope.model_dump(mode="json")
+
+
+def _watched(build: Callable[..., TaskBuild], on_build: Callable[[TaskBuild], None]) -> Callable[..., TaskBuild]:
+    def run(*args: Any, **kwargs: Any) -> TaskBuild:
+        made = build(*args, **kwargs)
+        on_build(made)
+        return made
+
+    return run
 
 
 __all__ = ["ask", "prepare_study", "write_prepared"]

@@ -56,6 +56,11 @@ class SeriesSelectionError(InputError):
     """The requested series is not in the input, or several studies make the choice ambiguous."""
 
 
+class OutputFolderError(InputError):
+    """An output folder cannot be written: it holds someone else's files, or an earlier result not to be
+    replaced without --overwrite."""
+
+
 class ModelNotAvailableError(MedlensError):
     """The model is neither a built-in, a local directory, nor in the local Hugging Face cache."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from medlens.backends.base import Backend, GenerationOutput, GenerationRequest, Messages
@@ -36,6 +37,41 @@ def load_backend(model: str, engine: str = "transformers", **options: Any) -> Ba
     factory: BackendFactory = getattr(importlib.import_module(module_name), attr)
     check_engine_options(engine, factory, options)
     return factory(model, **options)
+
+
+@dataclass(frozen=True)
+class BackendIdentity:
+    """What names a model's results (as a loaded :class:`Backend` would say it), known without loading it."""
+
+    engine: str
+    model_name: str
+    revision: str
+    default_max_new_tokens: int
+    is_test_model: bool
+    model_warning: str | None
+
+
+#: engines whose revision is the fingerprint of the local weights folder (see :func:`identify_backend`)
+_FOLDER_FINGERPRINT_ENGINES = ("transformers",)
+
+
+def identify_backend(model: str, engine: str = "transformers", **options: Any) -> BackendIdentity | None:
+    """The identity :func:`load_backend` would give ``model``, without importing torch or loading weights;
+    None for engines that only know it once loaded (callers then load the backend)."""
+    from medlens.models import GENERATE, model_fingerprint, resolve_model
+
+    engine, model, options = parse_model_spec(model, engine, options)
+    if engine not in _FOLDER_FINGERPRINT_ENGINES:
+        return None
+    source = resolve_model(model, GENERATE)
+    return BackendIdentity(
+        engine=engine,
+        model_name=model,
+        revision=model_fingerprint(source.path),
+        default_max_new_tokens=source.default_max_new_tokens,
+        is_test_model=source.is_test_model,
+        model_warning=source.warning,
+    )
 
 
 def check_engine_options(engine: str, factory: BackendFactory, options: dict[str, Any]) -> None:
@@ -74,9 +110,11 @@ def parse_model_spec(spec: str, engine: str, options: dict[str, Any]) -> tuple[s
 __all__ = [
     "ENGINES",
     "Backend",
+    "BackendIdentity",
     "GenerationOutput",
     "GenerationRequest",
     "Messages",
     "engine_options",
+    "identify_backend",
     "load_backend",
 ]

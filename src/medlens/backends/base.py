@@ -12,6 +12,9 @@ from medlens.errors import MedlensError
 
 ProgressCallback = Callable[[int], None]
 """Called with the number of requests just finished."""
+OutputCallback = Callable[[int, "GenerationOutput"], None]
+"""Called with a request's index and its output as soon as that output exists (before ``generate`` returns),
+so that a caller can save it even if the call is interrupted later."""
 
 
 @dataclass
@@ -109,12 +112,18 @@ class Backend(ABC):
         return self.fingerprint or f"{self.engine}:{self.model_name}:{getattr(self, 'base_url', '')}"
 
     def generate(
-        self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        progress: ProgressCallback | None = None,
+        on_output: OutputCallback | None = None,
     ) -> list[GenerationOutput]:
-        """Complete every request, in order (one at a time unless an engine batches)."""
+        """Complete every request, in order (one at a time unless an engine batches); ``on_output(index,
+        output)`` as each one is done."""
         outputs = []
-        for request in requests:
+        for index, request in enumerate(requests):
             outputs.append(self.generate_one(request))
+            if on_output is not None:
+                on_output(index, outputs[-1])
             if progress is not None:
                 progress(1)
         return outputs

@@ -23,7 +23,14 @@ from typing import Any
 
 import httpx
 
-from medlens.backends.base import Backend, GenerationFailed, GenerationOutput, GenerationRequest, ProgressCallback
+from medlens.backends.base import (
+    Backend,
+    GenerationFailed,
+    GenerationOutput,
+    GenerationRequest,
+    OutputCallback,
+    ProgressCallback,
+)
 from medlens.backends.rendering import clean_completion, image_parts, openai_messages
 from medlens.errors import BackendUnavailableError, MedlensError
 
@@ -119,10 +126,14 @@ class OpenAIBackend(Backend):
         )
 
     def generate(
-        self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        progress: ProgressCallback | None = None,
+        on_output: OutputCallback | None = None,
     ) -> list[GenerationOutput]:
-        """Complete every request, up to ``concurrency`` at once; outputs in request order, ``progress(1)`` as
-        each one finishes. A request that fails for good raises :class:`GenerationFailed`."""
+        """Complete every request, up to ``concurrency`` at once; outputs in request order, ``on_output(index,
+        output)`` and ``progress(1)`` as each one finishes. A request that fails for good raises
+        :class:`GenerationFailed`."""
         requests = list(requests)
         workers = min(self.concurrency, len(requests))
         if workers <= 1:
@@ -132,10 +143,12 @@ class OpenAIBackend(Backend):
                     outputs[index] = self.generate_one(request)
                 except MedlensError as exc:
                     raise GenerationFailed.wrap(exc, index, outputs, len(requests)) from exc
+                if on_output is not None:
+                    on_output(index, outputs[index])
                 if progress is not None:
                     progress(1)
             return [outputs[index] for index in range(len(requests))]
-        return self._generate_concurrently(requests, workers, progress)
+        return self._generate_concurrently(requests, workers, progress, on_output)
 
     def generate_one(self, request: GenerationRequest) -> GenerationOutput:
         return self._complete(request, threading.Event())
@@ -144,7 +157,11 @@ class OpenAIBackend(Backend):
         self._client.close()
 
     def _generate_concurrently(
-        self, requests: list[GenerationRequest], workers: int, progress: ProgressCallback | None
+        self,
+        requests: list[GenerationRequest],
+        workers: int,
+        progress: ProgressCallback | None,
+        on_output: OutputCallback | None = None,
     ) -> list[GenerationOutput]:
         todo: queue.SimpleQueue[int] = queue.SimpleQueue()
         for index in range(len(requests)):
@@ -183,6 +200,8 @@ class OpenAIBackend(Backend):
                 index, result = item
                 if isinstance(result, GenerationOutput):
                     outputs[index] = result
+                    if on_output is not None:
+                        on_output(index, result)
                     if progress is not None:
                         progress(1)
                 elif not isinstance(result, _Abandoned) and failure is None:

@@ -20,7 +20,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from medlens.backends.base import Backend, GenerationOutput, GenerationRequest, Messages, ProgressCallback
+from medlens.backends.base import (
+    Backend,
+    GenerationOutput,
+    GenerationRequest,
+    Messages,
+    OutputCallback,
+    ProgressCallback,
+)
 from medlens.backends.prefix_cache import common_prefix_length, group_by_prefix, images_processed_once
 from medlens.backends.rendering import (
     END_TOKENS,
@@ -190,9 +197,13 @@ class TransformersBackend(Backend):
         return inputs.to(self.model.device, dtype=self.dtype)
 
     def generate(
-        self, requests: Sequence[GenerationRequest], progress: ProgressCallback | None = None
+        self,
+        requests: Sequence[GenerationRequest],
+        progress: ProgressCallback | None = None,
+        on_output: OutputCallback | None = None,
     ) -> list[GenerationOutput]:
-        """Complete every request; outputs in input order, ``progress(1)`` as each one is done.
+        """Complete every request; outputs in input order, ``on_output(index, output)`` and ``progress(1)`` as
+        each one is done (a batch's rows when the batch ends, a shared-prefix group's one by one).
 
         Requests that share everything but the trailing question text (same texts, same images by content)
         are grouped: their images are processed and encoded once and their common prefix is prefilled once;
@@ -217,6 +228,8 @@ class TransformersBackend(Backend):
 
         def finish(index: int, output: GenerationOutput) -> None:
             outputs[index] = output
+            if on_output is not None:
+                on_output(index, output)
             if progress is not None:
                 progress(1)
 

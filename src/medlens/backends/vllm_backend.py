@@ -82,6 +82,7 @@ class VLLMBackend(Backend):
         max_model_len: int | None = None,
         max_images: int | None = None,
         gpu_memory_utilization: float = 0.9,
+        kv_cache_memory_bytes: int | None = None,
         tensor_parallel_size: int = 1,
         enable_prefix_caching: bool = True,
         enforce_eager: bool = False,
@@ -112,6 +113,8 @@ class VLLMBackend(Backend):
             "enforce_eager": enforce_eager,
             "seed": seed,
         }
+        if kv_cache_memory_bytes is not None:  # a fixed KV cache instead of a memory fraction (vLLM's CPU build)
+            self._engine_options["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         self.processor, self.tokenizer = _load_renderer(self.source)
         self._stop_ids = [i for i in (self.tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS) if i is not None]
         self._llm: Any = None

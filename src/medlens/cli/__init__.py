@@ -1,4 +1,5 @@
-"""The ``medlens`` command line. Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 bugs.
+"""The ``medlens`` command line. Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 bugs,
+130 / 143 interrupted by SIGINT (Ctrl-C) / SIGTERM (one line: what was saved, how to resume).
 
 One module per command group, each with ``register(app)``; a new group (serve, finetune, batch ...) is a
 module added to :data:`COMMAND_GROUPS`. Shared options are declared once in :mod:`medlens.cli.options`.
@@ -14,6 +15,7 @@ import typer
 from medlens import DISCLAIMER
 from medlens.cli import ask, demo, evaluate, prepare, siglip
 from medlens.errors import MedlensError
+from medlens.interrupts import Interrupted, install_handlers
 
 #: the command groups, in the order ``medlens --help`` lists them
 COMMAND_GROUPS = (prepare, ask, evaluate, siglip, demo)
@@ -30,12 +32,17 @@ for _group in COMMAND_GROUPS:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: typed medlens errors become one line on stderr and exit code 2."""
+    """Entry point: typed medlens errors become one line on stderr and exit code 2; SIGINT / SIGTERM one line
+    saying what was saved and exit code 130 / 143."""
+    install_handlers()
     try:
         code = app(args=argv, standalone_mode=False)
     except MedlensError as exc:
         typer.echo(f"medlens: error: {exc}".replace("\n", " "), err=True)
         sys.exit(2)
+    except Interrupted as exc:
+        typer.echo(f"medlens: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("medlens: interrupted", err=True)
         sys.exit(130)

@@ -27,7 +27,7 @@ from medlens.cli.options import (
     slide_group,
     uses,
 )
-from medlens.errors import MedlensError
+from medlens.errors import MedlensError, NotFoundError
 
 if TYPE_CHECKING:
     from medlens.prep.slide_recipe import SlideOptions
@@ -59,7 +59,10 @@ def task_option_group() -> OptionGroup:
         shown = f" (default {decl.default})" if decl.default is not None else ""
         bounds = {k: v for k, v in (("min", decl.min), ("max", decl.max)) if v is not None}
         text = f"{', '.join(users)}: {decl.help}{shown}"
-        params.append(option(decl.name, decl.type | None, None, help=text, panel="Task options", **bounds))
+        flag = decl.type is bool  # a plain flag (no --no- twin); None unless given, like every task option
+        kind = bool if flag else decl.type | None
+        flags = ("--" + decl.name.replace("_", "-"),) if flag else ()
+        params.append(option(decl.name, kind, None, *flags, help=text, panel="Task options", **bounds))
     return OptionGroup("task_values", tuple(params), lambda **values: values)
 
 
@@ -93,16 +96,24 @@ def ask(
     args: Annotated[
         list[str],
         typer.Argument(
-            help="Input(s) then the question: INPUT [INPUT2] QUESTION. Tasks with a default prompt "
-            "(localize, lab-extract, report ...) need no question.",
+            help="Input(s), then optionally the question (or give it with --question). After one input, a last "
+            "argument that does not exist is the question unless it looks like a path (a file suffix, a '/'); "
+            "after two or more only if it has a space or '?'. Other missing inputs are an error. Tasks with a "
+            "default prompt (localize, lab-extract, report ...) need no question.",
             metavar="INPUT... [QUESTION]",
         ),
     ],
+    question_opt: Annotated[
+        str | None, typer.Option("--question", "-Q", help="The question (then every argument is an input).")
+    ] = None,
     task: Annotated[str, typer.Option("--task", "-t", help=_task_help())] = "qa",
     instruction: Annotated[str | None, typer.Option(help="Replace the text placed before the images.")] = None,
     think: Annotated[bool, typer.Option("--think", help="Switch on MedGemma's thinking mode.")] = False,
     max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Cap on generated tokens.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="json, or a task's own format (csv for lab-extract).")] = "json",
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write a one-page HTML view: images, answer, boxes, warnings.")
+    ] = None,
     *,
     model: ModelChoice,
     study: StudyChoice,
@@ -116,7 +127,8 @@ def ask(
 
     chosen = get_task(task)
     settings = task_settings(chosen, task_values)
-    inputs, question = split_inputs(args)
+    inputs, question = split_inputs(args, question_opt)
+    builds: list[Any] = []
     result = ask_api(
         inputs,
         question,
@@ -134,8 +146,13 @@ def ask(
         thinking=think,
         max_new_tokens=max_new_tokens,
         slide=slide,
+        on_build=builds.append if html else None,
         **settings,
     )
+    if html:
+        from medlens.cli.result_page import write_page
+
+        output.note([f"wrote {write_page(html, result, builds)}"])
     emit(chosen, result, fmt, output)
 
 
@@ -145,23 +162,67 @@ def parse(
         str | None, typer.Option(help="localize: WxH of the original image, for pixel boxes.")
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="json or a task's own format.")] = "json",
+    overlay: Annotated[
+        Path | None, typer.Option("--overlay", help="localize: an image to draw the parsed boxes on (needs --out).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="localize: where the --overlay PNG goes.")] = None,
 ) -> None:
     """Parse a model's raw output (stdin) with a task's parser, e.g. output from a hosted endpoint."""
     from medlens.tasks import get_task
     from medlens.tasks.runner import parse_output
 
     chosen = get_task(task)
+    if (overlay is None) != (out is None):
+        raise MedlensError("--overlay IMAGE and --out OUT.png go together")
+    if overlay is not None and chosen.name != "localize":
+        raise MedlensError(f"--overlay draws localize boxes; task {chosen.name} has none")
+    image = read_overlay_image(overlay) if overlay is not None else None
+    if image is not None and image_size is None:
+        image_size = f"{image.shape[1]}x{image.shape[0]}"  # boxes in this image's pixels
     context = chosen.parse_context(image_size=image_size)
     parsed = parse_output(chosen, sys.stdin.read(), context)
+    warnings = list(parsed.warnings)
+    if image is not None and out is not None:
+        warnings += draw_boxes(image, (parsed.payload or {}).get("boxes") or [], out)
     result = {
         "task": chosen.name,
         "final_answer": parsed.final_answer,
         "payload": parsed.payload,
         "parse_error": parsed.error,
-        "warnings": parsed.warnings,
+        "warnings": warnings,
         "disclaimer": DISCLAIMER,
     }
     emit(chosen, result, fmt, Output(quiet=False))
+
+
+def read_overlay_image(path: Path) -> Any:
+    """The image to draw boxes on, as RGB uint8; a missing or unreadable file is a typed error."""
+    from PIL import Image
+
+    from medlens.errors import CorruptFileError, NotFoundError
+
+    if not path.is_file():
+        raise NotFoundError("no such image file", str(path))
+    import numpy as np
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError ... for a bad file
+        raise CorruptFileError(f"cannot read image ({exc})", str(path)) from None
+
+
+def draw_boxes(image: Any, boxes: list[dict[str, Any]], out: Path) -> list[str]:
+    """Draw ``boxes`` on ``image`` into ``out`` (PNG) with the localize task's drawing; warnings if not."""
+    from medlens.tasks.localize import draw_overlay
+
+    if not boxes:
+        return ["overlay not written: no boxes were parsed"]
+    try:
+        draw_overlay(image, boxes).save(out, format="PNG")
+    except OSError as exc:
+        raise MedlensError(f"cannot write the overlay ({exc})", str(out)) from None
+    return []
 
 
 def tasks() -> None:
@@ -174,11 +235,54 @@ def tasks() -> None:
         typer.echo(f"{name:<14} {cls.description}" + (f" [{flags}]" if flags else ""))
 
 
-def split_inputs(args: list[str]) -> tuple[list[str], str | None]:
-    """INPUT... [QUESTION]: the last argument is the question when it is not an existing file or folder."""
-    if len(args) > 1 and not Path(args[-1]).exists():
-        return args[:-1], args[-1]
-    return args, None
+#: endings of the files medlens reads: an argument ending so is a path, never a question
+PATH_SUFFIXES = (
+    ".dcm", ".dicom", ".ima", ".nii", ".nii.gz", ".gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".zip",
+    ".pdf", ".json", ".txt", ".md", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
+)  # fmt: skip
+
+
+def looks_like_path(arg: str) -> bool:
+    """A name that is a path, never a question: it ends with a file suffix medlens reads or a path separator,
+    or holds a separator and neither a space nor a '?'."""
+    text = arg.strip()
+    separator = "/" in text or "\\" in text
+    if not text or text.lower().endswith(PATH_SUFFIXES) or text.endswith(("/", "\\")):
+        return True
+    return separator and "?" not in text and not any(c.isspace() for c in text)
+
+
+def looks_like_question(arg: str) -> bool:
+    """Clearly not a path: not :func:`looks_like_path`, has a space or a '?' or ends with '.'/'!', and holds
+    no path separator unless it has a '?'."""
+    text = arg.strip()
+    if looks_like_path(text):
+        return False
+    sentence = any(c.isspace() for c in text) or "?" in text or text.endswith((".", "!"))
+    return sentence and ("?" in text or not ("/" in text or "\\" in text))
+
+
+def split_inputs(args: list[str], question: str | None = None) -> tuple[list[str], str | None]:
+    """The inputs and the question of ``INPUT... [QUESTION]`` (``question``: the --question value).
+
+    A last argument that does not exist is the question when it reads as one: with exactly one input before
+    it (``INPUT QUESTION``) unless it :func:`looks_like_path`; after two or more inputs only when it
+    :func:`looks_like_question`. Every other argument must exist: all missing ones are named in one error.
+    With --question every argument is an input, and a last one that reads as a question is an error.
+    """
+    inputs = list(args)
+    last = inputs[-1] if len(inputs) > 1 else None
+    if last is not None and not Path(last).exists():
+        reads = not looks_like_path(last) if len(inputs) == 2 else looks_like_question(last)
+        if reads and question is not None and (len(inputs) > 2 or looks_like_question(last)):
+            raise MedlensError(f"two questions: --question and {last!r}; give one")
+        if reads and question is None:
+            question = inputs.pop()
+    missing = [a for a in inputs if not Path(a).exists()]
+    if missing:
+        hint = "" if question is not None else " (to ask a question, use --question TEXT)"
+        raise NotFoundError(f"no such file or folder: {', '.join(missing)}{hint}")
+    return inputs, question
 
 
 def emit(task: Task, result: dict[str, Any], fmt: str, output: Output) -> None:

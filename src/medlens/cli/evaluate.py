@@ -22,6 +22,9 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per generate call.")] = 8,
     resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the intervals.")] = 1000,
     judge: Annotated[str | None, typer.Option(help="A model that also grades free-text answers (MedPix).")] = None,
+    recipe: Annotated[
+        str, typer.Option(help="Preparation recipe (medgemma-1.5, or a parity recipe: see docs/recipe.md).")
+    ] = "medgemma-1.5",
     *,
     model: ModelChoice,
     output: Output,
@@ -47,6 +50,7 @@ def eval_command(
         backend_options=model.engine_options(),
         n_resamples=resamples,
         judge=judge,
+        recipe=recipe,
         reporter=output.reporter,
     )
     published = results["published"]
@@ -61,9 +65,19 @@ def eval_command(
         if published.get("value") is not None and published.get("metric") == metric:
             line += f"; published {published['model']}: {published['value']}"
         typer.echo(line)
-    output.note(
-        [f"{results['n_reused']} of {results['n_items']} outputs reused from the journal; run folder {run_dir}"]
+    typer.echo(summary_line(results, run_dir))
+    output.note(results.get("warnings", []))
+
+
+def summary_line(results: dict, run_dir: Path) -> str:
+    """One line: outputs, how many the parser could not read, how many were reused, and a test model's flag."""
+    line = (
+        f"{results['benchmark']}: {results['n_items']} outputs, {results['n_unparsed']} unparsed, "
+        f"{results['n_reused']} reused from the journal; run folder {run_dir}"
     )
+    if results.get("test_model") or results.get("untrained_test_model"):
+        line += f"; test model {results['model']}: scores mean nothing"
+    return line
 
 
 def compare(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import platform
 import time
@@ -24,17 +25,27 @@ from pathlib import Path
 from typing import Any
 
 from medlens import DISCLAIMER, __version__
-from medlens.backends import Backend, GenerationOutput, GenerationRequest, load_backend
+from medlens.backends import (
+    Backend,
+    BackendIdentity,
+    GenerationOutput,
+    GenerationRequest,
+    identify_backend,
+    load_backend,
+)
 from medlens.backends.base import GenerationFailed
 from medlens.errors import MedlensError
 from medlens.eval.data import data_root, load_items
-from medlens.eval.journal import Journal
+from medlens.eval.journal import JOURNAL, Journal
 from medlens.eval.kinds import Item, Kind, Query
 from medlens.eval.registry import get_benchmark, make_kind
 from medlens.eval.spec import BenchmarkSpec, Generation
 from medlens.files import sha256_of, write_json_atomic, write_jsonl_atomic
-from medlens.prep.recipes import DEFAULT_RECIPE
+from medlens.interrupts import on_interrupt
+from medlens.models import BUILTIN_MODELS
+from medlens.prep.recipes import DEFAULT_RECIPE, RECIPES
 from medlens.progress import Reporter
+from medlens.warnings_capture import capture_warnings
 
 SAMPLES = "samples.jsonl"
 RESULTS = "results.json"
@@ -59,6 +70,7 @@ def run_benchmark(
     ``judge`` (any model) additionally grades free-text predictions for benchmarks that allow it; both load
     with ``engine`` and ``backend_options`` (device, dtype, engine arguments)."""
     spec, spec_path = get_benchmark(benchmark)
+    RECIPES.get(recipe)  # an unknown recipe fails before anything is read or loaded
     kind = make_kind(spec, spec_path, recipe)
     if judge is not None and not getattr(kind.options, "judge", False):
         raise MedlensError(f"benchmark {spec.name} has no free-text answers for a judge (only e.g. medpix-diagnosis)")
@@ -66,29 +78,84 @@ def run_benchmark(
     out = Path(out_dir)
     items = load_items(spec, data_root(data), limit)
     start = time.perf_counter()
-    backend = model if isinstance(model, Backend) else load_backend(model, engine, **(backend_options or {}))
-    generation = spec.generation.resolved(backend.default_max_new_tokens)
+    options = backend_options or {}
+    backend: Backend | None = model if isinstance(model, Backend) else None
+    identity = _identity(backend) if backend is not None else identify_backend(str(model), engine, **options)
+    if identity is None:  # an engine that knows its revision only once loaded
+        backend = load_backend(str(model), engine, **options)
+        identity = _identity(backend)
     hashes: dict[Path, str] = {}
     with reporter.stage(f"{spec.name}: hashing inputs", total=len(items)) as update:
-        files, keys = [], []
+        files = []
         for number, item in enumerate(items, start=1):
             files.append(kind.files(item))
-            keys.append(_key(spec, item, files[-1], backend.revision, generation, hashes))
+            for path in files[-1]:
+                if path not in hashes:
+                    hashes[path] = sha256_of(path)
             update(number, len(items))
-    with Journal(out) as journal:
-        reused = _generate_missing(journal, backend, kind, items, files, keys, generation, batch_size, reporter)
+    generation = spec.generation.resolved(identity.default_max_new_tokens)
+    keys = _keys(spec, items, files, identity.revision, generation, hashes, recipe)
+    state = _RunState(out / JOURNAL, keys)
+    with Journal(out) as journal, on_interrupt(state.describe), capture_warnings() as caught:
+        state.journal = journal
+        todo = _missing(journal, keys, generation)
+        if todo and backend is None:  # the model loads only when something is left to generate
+            backend = load_backend(str(model), engine, **options)
+            if _identity(backend) != identity:  # what loaded is not what was predicted: key by what loaded
+                identity = _identity(backend)
+                generation = spec.generation.resolved(identity.default_max_new_tokens)
+                keys[:] = _keys(spec, items, files, identity.revision, generation, hashes, recipe)
+                todo = _missing(journal, keys, generation)
+        if todo:
+            assert backend is not None
+            _generate_missing(journal, backend, kind, items, files, keys, todo, generation, batch_size, reporter)
+        reused = len(keys) - len(todo)
         records = [journal.get(key) for key in keys]
+        journal_warnings = list(journal.warnings)
     samples = [
         _sample(kind, item, paths, key, record or {}, hashes)
         for item, paths, key, record in zip(items, files, keys, records, strict=True)
     ]
-    results = _results(spec, samples, backend, generation, n_resamples, reused, limit)
+    results = _results(spec, samples, identity, generation, n_resamples, reused, limit)
+    results["warnings"] = journal_warnings + caught  # library warnings, short (medlens.warnings_capture)
     if judge is not None:
-        _add_judge(results, samples, judge, engine, backend_options or {}, out, n_resamples)
+        _add_judge(results, samples, judge, engine, options, out, n_resamples)
     results["timings"] = {"total": round(time.perf_counter() - start, 3)}
     write_jsonl_atomic(out / SAMPLES, samples)
     write_json_atomic(out / RESULTS, results)
     return results
+
+
+class _RunState:
+    """What an interrupted run says it saved (see :func:`medlens.interrupts.on_interrupt`)."""
+
+    def __init__(self, journal_path: Path, keys: list[str]) -> None:
+        self.journal_path, self.keys = journal_path, keys
+        self.journal: Journal | None = None
+
+    def describe(self) -> str:
+        saved = sum(1 for key in self.keys if self.journal is not None and self.journal.get(key))
+        return (
+            f"interrupted: {saved} of {len(self.keys)} outputs saved in {self.journal_path}; "
+            "rerun the same command to resume"
+        )
+
+
+def _identity(backend: Backend) -> BackendIdentity:
+    return BackendIdentity(
+        engine=backend.engine,
+        model_name=backend.model_name,
+        revision=backend.revision,
+        default_max_new_tokens=backend.default_max_new_tokens,
+        is_test_model=backend.is_test_model,
+        model_warning=backend.model_warning,
+    )
+
+
+def _missing(journal: Journal, keys: list[str], generation: Generation) -> list[int]:
+    """The items to generate: those not journaled (all of them when sampling)."""
+    greedy = generation.temperature == 0
+    return [i for i, key in enumerate(keys) if not (greedy and journal.get(key))]
 
 
 def _generate_missing(
@@ -98,14 +165,15 @@ def _generate_missing(
     items: list[Item],
     files: list[list[Path]],
     keys: list[str],
+    todo: list[int],
     generation: Generation,
     batch_size: int,
     reporter: Reporter,
-) -> int:
-    """Prepare and generate the items not journaled yet (all of them when sampling), a batch at a time;
-    returns how many were reused. A backend failure journals what the batch completed, then propagates."""
-    greedy = generation.temperature == 0
-    todo = [i for i, key in enumerate(keys) if not (greedy and journal.get(key))]
+) -> None:
+    """Prepare and generate the items of ``todo``, a batch at a time, journaling each output as soon as the
+    backend hands it back (an interrupted batch keeps what it finished). A backend failure journals what the
+    batch completed, then propagates."""
+    streams = "on_output" in inspect.signature(backend.generate).parameters
     title = f"{kind.spec.name}: generating ({len(keys) - len(todo)} reused)"
     with reporter.stage(title, total=len(todo)) as update:
         done = 0
@@ -120,16 +188,27 @@ def _generate_missing(
                 )
                 for query in queries
             ]
+            journaled: set[int] = set()
+
+            def save(position: int, output: GenerationOutput, batch=batch, queries=queries, seen=journaled) -> None:
+                if position not in seen:
+                    _journal(journal, batch, items, keys, queries, {position: output})
+                    seen.add(position)
+
             try:
-                outputs = dict(enumerate(backend.generate(requests)))
+                if streams:
+                    outputs = dict(enumerate(backend.generate(requests, on_output=save)))
+                else:
+                    outputs = dict(enumerate(backend.generate(requests)))
             except GenerationFailed as failed:
-                _journal(journal, batch, items, keys, queries, failed.outputs)
+                for position, output in sorted(failed.outputs.items()):
+                    save(position, output)
                 _name_item(failed, items[batch[failed.index]])
                 raise
-            _journal(journal, batch, items, keys, queries, outputs)
+            for position, output in sorted(outputs.items()):
+                save(position, output)
             done += len(batch)
             update(done, len(todo))
-    return len(keys) - len(todo)
 
 
 def _name_item(failed: GenerationFailed, item: Item) -> None:
@@ -179,6 +258,20 @@ def _journal(
         )
 
 
+def _keys(
+    spec: BenchmarkSpec,
+    items: list[Item],
+    files: list[list[Path]],
+    revision: str,
+    generation: Generation,
+    hashes: dict[Path, str],
+    recipe: str,
+) -> list[str]:
+    return [
+        _key(spec, item, paths, revision, generation, hashes, recipe) for item, paths in zip(items, files, strict=True)
+    ]
+
+
 def _key(
     spec: BenchmarkSpec,
     item: Item,
@@ -186,6 +279,7 @@ def _key(
     revision: str,
     generation: Generation,
     hashes: dict[Path, str],
+    recipe: str,
 ) -> str:
     for path in files:
         if path not in hashes:
@@ -195,6 +289,7 @@ def _key(
         "inputs": [hashes[p] for p in files],
         "model": revision,
         "template": spec.template_hash,
+        "recipe": recipe,
         "generation": generation.model_dump(),
         "medlens": __version__,
     }
@@ -237,7 +332,7 @@ def _prompt_text(query: Query) -> str:
 def _results(
     spec: BenchmarkSpec,
     samples: list[dict[str, Any]],
-    backend: Backend,
+    backend: BackendIdentity,
     generation: Generation,
     n_resamples: int,
     reused: int,
@@ -270,6 +365,7 @@ def _results(
         "engine": backend.engine,
         "model_revision": backend.revision,
         "untrained_test_model": backend.is_test_model,
+        "test_model": backend.is_test_model or backend.model_name in BUILTIN_MODELS,
         "model_warning": backend.model_warning,
         "n_items": len(samples),
         "n_reused": reused,

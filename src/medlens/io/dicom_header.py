@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from medlens.errors import CorruptFileError, MedlensError, NoImageDataError, UnsupportedInputError
+from medlens.io.dicom_layouts import Mosaic, is_mosaic, mosaic_layout, not_a_volume
 from medlens.io.dicom_values import first, floats, integer, text
 from medlens.io.limits import check_decoded_size, check_image_size
 from medlens.io.types import VOI, TableVOI, WindowVOI
@@ -80,6 +81,19 @@ class DicomInstance:
     frames: list[FrameGeometry] = field(default_factory=list)
     has_modality_lut: bool = False
     invert: bool = False
+    #: a Siemens MOSAIC's tiling: ``frames`` then holds one entry per tile (dicom_layouts)
+    mosaic: Mosaic | None = None
+    #: why the frames are not slices of a volume (a cine clip, an unreadable MOSAIC ...), else None
+    layout_problem: str | None = None
+
+    @property
+    def image_rows(self) -> int:
+        """Rows of one 2-D image: a MOSAIC tile's, else the stored image's."""
+        return self.mosaic.tile_rows if self.mosaic else self.rows
+
+    @property
+    def image_columns(self) -> int:
+        return self.mosaic.tile_columns if self.mosaic else self.columns
 
     @property
     def description(self) -> str:
@@ -94,6 +108,16 @@ class DicomInstance:
 def read_instance(path: Path, display: str) -> DicomInstance:
     """Parse ``path``'s header; raise a typed error if it is not a usable DICOM image."""
     ds, pixels = _read_header(path, display)
+    try:
+        return _instance(path, display, ds, pixels)
+    except MedlensError:
+        raise
+    except Exception as exc:  # pydicom converts values lazily: a damaged element raises on first access
+        detail = " ".join(str(exc).split())[:200]
+        raise CorruptFileError(f"damaged DICOM header ({type(exc).__name__}: {detail})", display) from None
+
+
+def _instance(path: Path, display: str, ds: Any, pixels: PixelElement) -> DicomInstance:
     modality = text(ds, "Modality").upper() or "OT"
     if pixels is None:
         if "Rows" in ds and "Columns" in ds and "SOPClassUID" in ds and modality not in NON_IMAGE_MODALITIES:
@@ -111,6 +135,13 @@ def read_instance(path: Path, display: str) -> DicomInstance:
     check_image_size(rows, columns, display)
     check_decoded_size(rows * columns * n_frames * spp * max(bits, 8) // 8, display)
     _check_not_truncated(ds, pixels, path, display, _stored_bytes(rows * columns * n_frames, spp, bits, photometric))
+    frames = _frames(ds, n_frames)
+    mosaic, layout_problem = mosaic_layout(ds, rows, columns) if n_frames == 1 and is_mosaic(ds) else (None, None)
+    if mosaic is not None:  # tiles have no positions of their own here: slices in tile order
+        check_image_size(mosaic.tile_rows, mosaic.tile_columns, display)
+        frames = [replace(frames[0], position=None)] * mosaic.count
+    positioned = all(f.position is not None for f in frames)
+    layout_problem = layout_problem or not_a_volume(ds, modality, n_frames, positioned)
     return DicomInstance(
         path=path,
         display=display,
@@ -129,9 +160,11 @@ def read_instance(path: Path, display: str) -> DicomInstance:
         series_number=integer(ds, "SeriesNumber"),
         pixel_spacing=_pair(floats(ds, "PixelSpacing", 2) or floats(ds, "ImagerPixelSpacing", 2)),
         acquisition=acquisition_time(ds),
-        frames=_frames(ds, n_frames),
+        frames=frames,
         has_modality_lut="ModalityLUTSequence" in ds,
         invert=photometric == "MONOCHROME1" or text(ds, "PresentationLUTShape").upper() == "INVERSE",
+        mosaic=mosaic,
+        layout_problem=layout_problem,
     )
 
 

@@ -30,7 +30,7 @@ def decode(entries: Sequence[FrameEntry], color: bool) -> np.ndarray:
     """Decode ``entries`` in order: float32 (k, H, W) after rescale, or uint8 (k, H, W, 3) for colour."""
     if not entries:
         raise ValueError("nothing to decode")
-    rows, cols = entries[0].instance.rows, entries[0].instance.columns
+    rows, cols = entries[0].instance.image_rows, entries[0].instance.image_columns
     check_decoded_size(len(entries) * rows * cols * (3 if color else 4), entries[0].instance.display, "the slices")
     out = np.empty(
         (len(entries), rows, cols, 3) if color else (len(entries), rows, cols), np.uint8 if color else np.float32
@@ -41,7 +41,11 @@ def decode(entries: Sequence[FrameEntry], color: bool) -> np.ndarray:
     for items in by_instance.values():
         inst = items[0][1].instance
         frames = sorted({e.frame or 0 for _, e in items})
-        arrays = dict(zip(frames, _raw_frames(inst, frames), strict=True))
+        if inst.mosaic is not None:  # one stored image, cut into its tiles
+            whole = _raw_frames(inst, [0])[0]
+            arrays = {f: inst.mosaic.tile(whole, f) for f in frames}
+        else:
+            arrays = dict(zip(frames, _raw_frames(inst, frames), strict=True))
         for pos, entry in items:
             raw = arrays[entry.frame or 0]
             out[pos] = _to_rgb8(raw, inst) if color else _to_modality(raw, inst, entry.geometry)
@@ -72,15 +76,17 @@ def _pydicom_frames(inst: DicomInstance, frames: list[int]) -> list[np.ndarray]:
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import iter_pixels, pixel_array
 
-    if inst.dataset.preamble is not None and "TransferSyntaxUID" in inst.dataset.file_meta:
+    # Reading from the path decodes only the needed frames; it cannot inflate deflated files (offset None)
+    # and is stricter than a full read on some encapsulated files (e.g. an offset table ending in a zero tag).
+    if inst.dataset.preamble is not None and "TransferSyntaxUID" in inst.dataset.file_meta and inst.pixels.offset:
         try:
             return (
                 list(iter_pixels(str(inst.path), indices=frames))
                 if inst.n_frames > 1
                 else [pixel_array(str(inst.path))]
             )
-        except InvalidDicomError:
-            pass
+        except (InvalidDicomError, ValueError, KeyError, AttributeError, NotImplementedError):
+            pass  # fall back to the full read below, which pydicom's own pixel_array uses
     full = pydicom.dcmread(inst.path, force=True)  # files without preamble or meta information
     full.file_meta.TransferSyntaxUID = inst.dataset.file_meta.TransferSyntaxUID
     return [pixel_array(full, index=f if inst.n_frames > 1 else None) for f in frames]

@@ -41,11 +41,11 @@ class SeriesCandidate:
 
     @property
     def rows(self) -> int:
-        return self.entries[0].instance.rows
+        return self.entries[0].instance.image_rows
 
     @property
     def columns(self) -> int:
-        return self.entries[0].instance.columns
+        return self.entries[0].instance.image_columns
 
     @property
     def is_color(self) -> bool:
@@ -75,19 +75,20 @@ def build_series(instances: Sequence[DicomInstance]) -> list[SeriesCandidate]:
     for uid, members in groups.items():
         first = members[0]
         entries = [
-            FrameEntry(inst, i if inst.n_frames > 1 else None, geo)
+            FrameEntry(inst, i if len(inst.frames) > 1 else None, geo)
             for inst in members
             for i, geo in enumerate(inst.frames)
         ]
         cand = SeriesCandidate(uid, first.study_uid, first.modality, first.description, first.series_number, entries)
         _order_and_check(cand)
+        _check_layouts(cand, members)
         out.append(cand)
     return sorted(out, key=lambda c: (c.series_number is None, c.series_number or 0, c.uid))
 
 
 def _order_and_check(cand: SeriesCandidate) -> None:
     entries = cand.entries
-    sizes = {(e.instance.rows, e.instance.columns) for e in entries}
+    sizes = {(e.instance.image_rows, e.instance.image_columns) for e in entries}
     if len(sizes) > 1:
         shown = ", ".join(f"{c}x{r}" for r, c in sorted(sizes))
         cand.problems.append(f"slices of different sizes in one series ({shown})")
@@ -118,6 +119,19 @@ def _order_and_check(cand: SeriesCandidate) -> None:
         cand.notes.append(
             f"series {cand.tag}: no ImagePositionPatient/ImageOrientationPatient on every image; "
             "ordered by InstanceNumber and frame"
+        )
+
+
+def _check_layouts(cand: SeriesCandidate, members: Sequence[DicomInstance]) -> None:
+    """Frames that are not slices (a cine clip ...) come first among the problems; MOSAICs get a note."""
+    layout = [p for p in dict.fromkeys(m.layout_problem for m in members) if p]
+    cand.problems[:0] = layout
+    mosaics = [m.mosaic for m in members if m.mosaic is not None]
+    if mosaics:
+        cand.notes = [n for n in cand.notes if "no ImagePositionPatient" not in n]
+        cand.notes.append(
+            f"series {cand.tag}: Siemens MOSAIC untiled into {sum(m.count for m in mosaics)} slice(s) of "
+            f"{mosaics[0].tile_columns}x{mosaics[0].tile_rows}, in tile order (CSA slice positions not used)"
         )
 
 
@@ -166,6 +180,8 @@ def choose_series(candidates: list[SeriesCandidate], wanted: str | None, source:
 
 def to_stack(cand: SeriesCandidate, source: str) -> ImageStack:
     """An ImageStack whose loader decodes only the requested frames of the chosen series."""
+    from medlens.io.dicom_identity import read_identity
+
     entries = cand.entries
     color = cand.is_color
     slices = [
@@ -176,6 +192,7 @@ def to_stack(cand: SeriesCandidate, source: str) -> ImageStack:
             z=z,
             voi=e.geometry.voi,
             invert=e.instance.invert,
+            instance_number=e.instance.instance_number,
         )
         for e, z in zip(entries, cand.z, strict=True)
     ]
@@ -195,5 +212,6 @@ def to_stack(cand: SeriesCandidate, source: str) -> ImageStack:
         slice_spacing=cand.slice_spacing,
         orientation=cand.orientation,
         acquired=min((e.instance.acquisition for e in entries if e.instance.acquisition), default=None),
+        identity=read_identity(e.instance.dataset for e in entries),
         notes=list(cand.notes),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class Found:
     raster: list[FoundFile] = field(default_factory=list)
     skipped: list[InputError] = field(default_factory=list)
     tempdir: tempfile.TemporaryDirectory | None = None
+    #: zip members left unextracted for safety, one line each naming the member and the reason
+    warnings: list[str] = field(default_factory=list)
 
 
 def kind_of(name: str) -> str:
@@ -62,7 +65,9 @@ def discover(path: Path) -> Found:
     if path.is_file() and kind_of(path.name) == "zip":
         tmp = tempfile.TemporaryDirectory(prefix="medlens-zip-")
         try:
-            found = _found(_unzip(path, Path(tmp.name)), top_level=False)
+            files, unsafe = _unzip(path, Path(tmp.name))
+            found = _found(files, top_level=False)
+            found.warnings = unsafe
         except BaseException:
             tmp.cleanup()
             raise
@@ -91,8 +96,40 @@ def _found(files: list[FoundFile], top_level: bool) -> Found:
     return found
 
 
-def _unzip(archive: Path, dest: Path) -> list[FoundFile]:
-    """Extract members under generated names (no path traversal), within the archive budget."""
+def unsafe_reason(member: zipfile.ZipInfo) -> str | None:
+    """Why a zip member is not extracted for safety (a path leaving the archive, an absolute path, a symlink),
+    or None for an ordinary member."""
+    name = member.filename.replace("\\", "/")
+    if (member.external_attr >> 16) & 0o170000 == 0o120000:
+        return "a symbolic link"
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "an absolute path"
+    if ".." in name.split("/"):
+        return "a path leaving the archive (..)"
+    return None
+
+
+#: what zipfile raises on a damaged archive (IndexError/ValueError on malformed headers: found by fuzzing)
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error, IndexError, ValueError)
+
+
+def unsafe_members(archive: str | Path) -> list[str]:
+    """The warnings :func:`discover` records for ``archive``'s unsafe members, read from its directory only
+    (nothing is extracted); empty for a file that is not a readable zip."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            return [_unsafe_line(archive, m, why) for m in zf.infolist() if (why := unsafe_reason(m))]
+    except ZIP_ERRORS:
+        return []
+
+
+def _unsafe_line(archive: str | Path, member: zipfile.ZipInfo, why: str) -> str:
+    return f"skipped zip member {member.filename!r} of {archive} for safety: {why}"
+
+
+def _unzip(archive: Path, dest: Path) -> tuple[list[FoundFile], list[str]]:
+    """Extract members under generated names (no path traversal), within the archive budget; members that are
+    symlinks or whose names are absolute or climb out with ``..`` are not extracted but named in a warning."""
     try:
         with zipfile.ZipFile(archive) as zf:
             members = [m for m in zf.infolist() if not m.is_dir()]
@@ -103,8 +140,12 @@ def _unzip(archive: Path, dest: Path) -> list[FoundFile]:
                     str(archive),
                 )
             out: list[FoundFile] = []
+            unsafe: list[str] = []
             for i, member in enumerate(members):
                 name = member.filename
+                if why := unsafe_reason(member):
+                    unsafe.append(_unsafe_line(archive, member, why))
+                    continue
                 if any(part.startswith(".") or part == "__MACOSX" for part in name.split("/")):
                     continue
                 suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else Path(name).suffix[:10]
@@ -113,6 +154,8 @@ def _unzip(archive: Path, dest: Path) -> list[FoundFile]:
                     while chunk := src.read(1 << 20):
                         dst.write(chunk)
                 out.append(FoundFile(target, f"{archive}!{name}"))
-            return out
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+            return out, unsafe
+    except ZIP_ERRORS as exc:
         raise CorruptFileError(f"cannot read zip archive ({exc})", str(archive)) from None
+    except (NotImplementedError, RuntimeError) as exc:  # a compression method zipfile lacks; an encrypted member
+        raise UnsupportedInputError(f"cannot unpack zip archive ({exc})", str(archive)) from None

@@ -23,6 +23,8 @@ def read_nifti(found: FoundFile, modality: str | None = None) -> ImageStack:
         shape = shape[:3]
     if len(shape) not in (2, 3):
         raise UnsupportedInputError(f"NIfTI image has shape {shape}; a 2-D or 3-D volume is needed", found.display)
+    if min(shape) < 1:
+        raise CorruptFileError(f"NIfTI image has shape {shape}: an axis without voxels", found.display)
     check_decoded_size(int(np.prod(shape)) * 4, found.display)
     try:
         img = nib.as_closest_canonical(img)  # RAS+: i -> patient left to right, j -> anterior, k -> superior

@@ -7,6 +7,7 @@ images (which can carry a patient's name) and free-text properties are never ope
 
 from __future__ import annotations
 
+import functools
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medlens.errors import CorruptFileError, NotFoundError, UnsupportedInputError
+from medlens.errors import CorruptFileError, MedlensError, NotFoundError, UnsupportedInputError
 from medlens.registry import Registry
 
 if TYPE_CHECKING:
@@ -48,6 +49,25 @@ class SlideLevel:
     width: int
     height: int
     downsample: float
+
+
+def region_errors(read: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    """A backend's ``read`` whose library errors (a damaged tile: imagecodecs, tifffile, OpenSlide, wsidicom
+    each raise their own types; found by fuzzing) become a :class:`CorruptFileError` naming the slide."""
+
+    @functools.wraps(read)
+    def typed(self: Slide, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
+        try:
+            return read(self, x0, y0, level, width, height)
+        except MedlensError:
+            raise
+        except Exception as exc:
+            detail = " ".join(str(exc).split())[:200]
+            raise CorruptFileError(
+                f"cannot decode the region at ({x0}, {y0}) level {level} ({type(exc).__name__}: {detail})", self.path
+            ) from None
+
+    return typed
 
 
 class Slide(ABC):
@@ -177,6 +197,7 @@ class _OpenSlideLike(Slide):
             _positive(props.get(f"{self.module}.objective-power")),
         )
 
+    @region_errors
     def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
         return _as_rgb(self._handle.read_region((int(x0), int(y0)), int(level), (int(width), int(height))))
 
@@ -195,6 +216,7 @@ class TiffSlideSlide(_OpenSlideLike):
     module = "tiffslide"
     handle_class = "TiffSlide"
 
+    @region_errors
     def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
         return self._read_clipped(x0, y0, level, width, height)  # tiffslide fills past the edge with black
 
@@ -284,6 +306,7 @@ class DicomSlide(Slide):
             return None
         return None
 
+    @region_errors
     def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
         return self._read_clipped(x0, y0, level, width, height)  # wsidicom refuses regions past the edge
 

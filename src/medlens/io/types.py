@@ -38,6 +38,7 @@ class SliceRef:
     z: float | None = None  # position along the slice normal in mm, None when unknown or 2-D
     voi: VOI | None = None
     invert: bool = False  # MONOCHROME1 or an INVERSE presentation LUT: high values are dark
+    instance_number: int | None = None  # the DICOM InstanceNumber, for recipes that order by it
 
 
 Loader = Callable[[Sequence[int]], np.ndarray]
@@ -65,6 +66,8 @@ class ImageStack:
     slice_spacing: float | None = None
     orientation: tuple[float, ...] | None = None
     acquired: str | None = None  # YYYYMMDDHHMMSS digits (DICOM), None when unknown
+    #: comparability fields from the header (io/dicom_identity.py): patient/issuer hashed; empty when unknown
+    identity: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     #: keeps temporary files (an unpacked zip) alive as long as the stack can still load slices
     keepalive: object = field(default=None, repr=False)

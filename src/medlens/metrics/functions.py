@@ -95,9 +95,11 @@ class LabelOptions(MetricOptions):
 
 
 class QuestionOptions(MetricOptions):
-    """Tokenised F1: every item, or only the open questions (targets that are not yes/no)."""
+    """Tokenised F1: every item, or only the open questions (targets that are not yes/no); and the token
+    F1 definition, medlens's own or lmms-eval's (docs/evaluation.md, Tokenised F1)."""
 
     questions: Literal["all", "open"] = "all"
+    definition: Literal["medlens", "lmms-eval"] = "medlens"
 
 
 class IouOptions(MetricOptions):
@@ -454,18 +456,54 @@ def token_f1(prediction: Any, target: Any) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _tokenized_f1_parts(predictions: Sequence, targets: Sequence, groups: Sequence | None, *, questions: str) -> Parts:
+_BOXED = re.compile(r"\\boxed\{(.+?)\}")
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def _lmms_eval_tokens(text: str) -> set[str]:
+    """lmms-eval's VQA tokens: lower case, every "." split off as its own token, whitespace split, as a set."""
+    return set(text.lower().replace(".", " .").split())
+
+
+def lmms_eval_token_f1(prediction: Any, target: Any) -> float:
+    """lmms-eval's open-question token F1 (VQA-RAD/SLAKE tasks): the answer inside ``\\boxed{}`` or
+    ``<answer>`` when present, lower-cased; F1 of the two token *sets* (repeats count once, articles and
+    punctuation other than "." stay in their words); 0 when either side has no token or none is shared."""
+    if prediction is None or target is None:
+        return 0.0
+    said = str(prediction)
+    found = _BOXED.search(said) or _ANSWER_TAG.search(said)
+    said = found.group(1) if found else said
+    mine, theirs = _lmms_eval_tokens(said.strip()), _lmms_eval_tokens(str(target).strip())
+    common = len(mine & theirs)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(mine), common / len(theirs)
+    return 2 * precision * recall / (precision + recall)
+
+
+#: token F1 definitions, by the name the ``definition`` option takes
+TOKEN_F1: dict[str, Callable[[Any, Any], float]] = {"medlens": token_f1, "lmms-eval": lmms_eval_token_f1}
+
+
+def _tokenized_f1_parts(
+    predictions: Sequence, targets: Sequence, groups: Sequence | None, *, questions: str, definition: str
+) -> Parts:
+    score = TOKEN_F1[definition]
     scores = []
     for prediction, target in zip(predictions, targets, strict=True):
         closed = target is not None and _yes_no(" ".join(_words(target))) is not None
-        scores.append(None if questions == "open" and closed else token_f1(prediction, target))
+        scores.append(None if questions == "open" and closed else score(prediction, target))
     return _mean_parts(scores)
 
 
 def tokenized_f1(predictions: Sequence, targets: Sequence, groups: Sequence | None = None, **options: Any) -> float:
-    """Mean token-level F1 of answers (VQA-RAD, SLAKE): lower case, punctuation and articles removed.
+    """Mean token-level F1 of answers (VQA-RAD, SLAKE).
 
     Option ``questions``: ``"all"`` (default: every item) or ``"open"`` (items whose target is not yes/no).
+    Option ``definition``: ``"medlens"`` (default, :func:`token_f1`: lower case, punctuation and articles
+    removed, repeated words counted, two empty answers 1) or ``"lmms-eval"`` (:func:`lmms_eval_token_f1`;
+    lmms-eval scores open questions only, so pair it with ``questions: open`` to reproduce its number).
     """
     return _value(tokenized_f1, predictions, targets, groups, options)
 

@@ -24,6 +24,8 @@ class Prepared:
     n_source_slices: int
     warnings: list[str] = field(default_factory=list)
     acquired: str | None = None  # when the study was made (YYYYMMDDHHMMSS), from the DICOM header
+    #: patient (hashed), body part, view, laterality from the DICOM header; empty for NIfTI/PNG
+    identity: dict[str, str] = field(default_factory=dict)
     #: per-image manifest entries when the images are not slices (whole-slide patches), prompt order
     image_meta: list[dict[str, Any]] | None = None
     #: recipe facts for the manifest and the prompt (whole slides: magnification, level, tissue ...)

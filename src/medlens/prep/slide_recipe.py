@@ -34,6 +34,7 @@ from medlens.prep.wsi import (
     WSI_PATCH_SIZE,
     PatchBox,
     base_magnification,
+    binary_erode,
     choose_magnification,
     level_for,
     patch_grid,
@@ -238,18 +239,26 @@ def draw_overview(
     from PIL import Image, ImageDraw
     from scipy import ndimage
 
-    edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, round(min(mask.shape) / 300)))
+    cross = ndimage.generate_binary_structure(2, 1)  # scipy's default element
+    edge = mask & ~binary_erode(mask, cross, iterations=max(1, round(min(mask.shape) / 300)))
     picture = thumb.copy()
     picture[edge] = (0, 200, 0)
-    image = Image.fromarray(picture)
+    # the outlines are drawn as colour indices on a one-band image (a third of the bytes of an RGB round trip
+    # through PIL), later ones over earlier ones as when drawn in colour, then painted in
+    colours = np.array([(0, 0, 0), (0, 60, 255), (220, 0, 0)], np.uint8)
+    image = Image.new("L", (picture.shape[1], picture.shape[0]), 0)
     draw = ImageDraw.Draw(image)
     line = max(1, round(min(image.size) / 400))
     for box in patches:
         x0, y0 = box.x0 / mask_ds, box.y0 / mask_ds
         side = box.size0 / mask_ds
-        colour = (220, 0, 0) if (box.x0, box.y0) in failed else (0, 60, 255)
-        draw.rectangle([x0, y0, x0 + side - 1, y0 + side - 1], outline=colour, width=line)
-    return np.asarray(image)
+        draw.rectangle(
+            [x0, y0, x0 + side - 1, y0 + side - 1], outline=2 if (box.x0, box.y0) in failed else 1, width=line
+        )
+    index = np.asarray(image)
+    drawn = index > 0
+    picture[drawn] = colours[index[drawn]]
+    return picture
 
 
 __all__ = ["ASSUMED_BASE_MAGNIFICATION", "SLIDE_MODALITY", "SlideOptions", "draw_overview", "prepare_slide"]

@@ -10,6 +10,9 @@ from medlens.io.types import VOI, TableVOI, WindowVOI
 
 #: MedGemma 1.5 CT windows in HU, in channel order R, G, B (technical report 2.3.1; official CT notebook)
 MEDGEMMA_CT_WINDOWS: tuple[tuple[float, float], ...] = ((-1024.0, 1024.0), (-135.0, 215.0), (0.0, 80.0))
+#: the HAI-DEF serving container's CT windows: centre/width 0/2048, 175/80, 40/80 as centre -/+ width // 2
+#: (python/data_accessors/local_file_handlers/generic_dicom_handler.py); the green one is 135..215, not -135..215
+HAI_DEF_CT_WINDOWS: tuple[tuple[float, float], ...] = ((-1024.0, 1024.0), (135.0, 215.0), (0.0, 80.0))
 
 
 def window_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -45,6 +48,13 @@ def ct_to_rgb(
             np.rint(scratch, out=scratch)
             target[..., channel] = scratch  # whole numbers in 0..255: the cast is exact
     return out
+
+
+def interp_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """The HAI-DEF container's window arithmetic: clip to [low, high], ``np.interp`` onto 0..255 in float64,
+    round half to even (``image_utils.window_accurate``)."""
+    clipped = np.clip(values, low, high)
+    return np.rint(np.interp(clipped, (low, high), (0.0, 255.0))).astype(np.uint8)
 
 
 def minmax_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -44,11 +44,12 @@ class PatchBox:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of ``values`` in [0, 1]: the cut maximizing the between-class variance of a histogram.
+def _otsu_threshold(values: np.ndarray, bins: int = 256, weights: np.ndarray | None = None) -> float:
+    """Otsu's threshold of ``values`` in [0, 1]: the cut maximizing the between-class variance of a histogram
+    (``weights``: how many times each value occurs, as in :func:`numpy.histogram`).
 
     Returns 0.0 when the values are constant (no cut separates anything)."""
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0), weights=weights)
     p = hist.astype(np.float64)
     total = p.sum()
     if total == 0:
@@ -72,6 +73,47 @@ def _disk(radius: int) -> np.ndarray:
     r = max(int(radius), 0)
     yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
     return (xx * xx + yy * yy) <= r * r
+
+
+def _offsets(structure: np.ndarray) -> list[tuple[int, int]]:
+    """(dy, dx) of the true cells of an odd-sided 2-D structuring element, relative to its centre."""
+    cy, cx = structure.shape[0] // 2, structure.shape[1] // 2
+    return [(int(y) - cy, int(x) - cx) for y, x in zip(*np.nonzero(structure), strict=True)]
+
+
+def binary_erode(mask: np.ndarray, structure: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """Binary erosion, equal to ``scipy.ndimage.binary_erosion(mask, structure, iterations)`` (outside the
+    image counts as background) for a symmetric odd-sided ``structure``, by in-place shifted ANDs: many
+    times faster than scipy's on a large thumbnail."""
+    out = np.asarray(mask, dtype=bool)
+    for _ in range(max(int(iterations), 0)):
+        out = _shift_combine(out, _offsets(structure), erode=True)
+    return out
+
+
+def binary_dilate(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """Binary dilation, equal to ``scipy.ndimage.binary_dilation(mask, structure)`` for a symmetric odd-sided
+    ``structure`` (outside the image counts as background), by in-place shifted ORs."""
+    return _shift_combine(np.asarray(mask, dtype=bool), [(-dy, -dx) for dy, dx in _offsets(structure)], erode=False)
+
+
+def _shift_combine(m: np.ndarray, offsets: list[tuple[int, int]], *, erode: bool) -> np.ndarray:
+    """``out[y, x]`` = AND (erode) or OR of ``m[y + dy, x + dx]`` over ``offsets``, outside pixels False."""
+    h, w = m.shape
+    out = np.ones_like(m) if erode else np.zeros_like(m)
+    for dy, dx in offsets:
+        ya, yb, xa, xb = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
+        if ya >= yb or xa >= xb:
+            if erode:
+                out[:] = False
+            continue
+        src = m[ya + dy : yb + dy, xa + dx : xb + dx]
+        if erode:
+            out[ya:yb, xa:xb] &= src
+            out[:ya], out[yb:], out[:, :xa], out[:, xb:] = False, False, False, False
+        else:
+            out[ya:yb, xa:xb] |= src
+    return out
 
 
 def _rgb_to_sv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -126,27 +168,38 @@ def tissue_mask(
     if img.shape[0] == 0 or img.shape[1] == 0:
         return np.zeros(img.shape[:2], dtype=bool)
 
-    s, v = _rgb_to_sv(img)
+    # S and V depend only on (max, max - min) of a pixel: both come from a 256x256 table indexed by that pair,
+    # and the histogram from the pair counts, so no full-size float array is made (same values as
+    # _rgb_to_sv per pixel, so the same threshold and mask).
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    high = np.maximum(np.maximum(r, g), b)
+    key = (high.astype(np.uint16) << 8) | (high - np.minimum(np.minimum(r, g), b))
+    counts = np.bincount(key.ravel(), minlength=1 << 16)
+    levels = np.arange(256, dtype=np.uint8)
+    hh, dd = np.repeat(levels, 256), np.tile(levels, 256)  # key = hh * 256 + dd
+    low = np.where(dd <= hh, hh - dd, 0).astype(np.uint8)  # keys with dd > hh never occur (count 0)
+    s_table, v_table = _rgb_to_sv(np.stack([hh, low, hh], axis=-1))
+    v_table = v_table[::256]  # V depends on the max only
 
     # Stage 1: saturation by Otsu, clipped.
-    thr = float(np.clip(_otsu_threshold(s), min_saturation, max_saturation_threshold))
-    coloured = s > thr
+    thr = float(np.clip(_otsu_threshold(s_table, weights=counts), min_saturation, max_saturation_threshold))
 
     # Stage 2: value -- background and dark artefacts.
-    dark = v < dark_value
-    mask = coloured & (v <= white_value) & ~dark
+    dark = (v_table < dark_value)[high]
+    keep_hv = (v_table <= white_value) & ~(v_table < dark_value)
+    mask = ((s_table > thr) & np.repeat(keep_hv, 256))[key]
 
     # Stage 3: morphology, on an edge-padded copy so the image border behaves like its neighbourhood.
     pad = max(open_radius, close_radius, 0) + 1
     m = np.pad(mask, pad, mode="edge")
-    if open_radius > 0:
-        m = ndimage.binary_opening(m, structure=_disk(open_radius))
+    if open_radius > 0:  # as scipy's binary_opening / binary_closing, only faster (equality is tested)
+        m = binary_dilate(binary_erode(m, _disk(open_radius)), _disk(open_radius))
     if close_radius > 0:
-        m = ndimage.binary_closing(m, structure=_disk(close_radius))
+        m = binary_erode(binary_dilate(m, _disk(close_radius)), _disk(close_radius))
     m = m[pad:-pad, pad:-pad]
     m = ndimage.binary_fill_holes(m)
     if dark.any():
-        m &= ~(ndimage.binary_dilation(dark, structure=_disk(dark_margin)) if dark_margin > 0 else dark)
+        m &= ~(binary_dilate(dark, _disk(dark_margin)) if dark_margin > 0 else dark)
     labels, n = ndimage.label(m)
     if n:
         sizes = np.bincount(labels.ravel())
@@ -294,6 +347,8 @@ __all__ = [
     "WSI_PATCH_SIZE",
     "PatchBox",
     "base_magnification",
+    "binary_dilate",
+    "binary_erode",
     "choose_magnification",
     "level_for",
     "patch_grid",

@@ -10,7 +10,8 @@ from typing import Any
 from medlens.errors import MedlensError
 from medlens.prep import prepare_study
 from medlens.prompts import image_messages, split_thinking
-from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions, TaskRequest
+from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOption, TaskOptions, TaskRequest
+from medlens.tasks.comparable import check_comparable
 
 PROGRESSION = ("improved", "stable", "worsened")
 #: words models use for each class, mapped to the MS-CXR-T label
@@ -31,6 +32,14 @@ class CompareTask(Task):
     name = "compare"
     description = "Prior and current chest X-ray: has the finding improved, stayed stable or worsened?"
     min_inputs = max_inputs = 2
+    options = (
+        TaskOption(
+            "allow_different_patients",
+            bool,
+            False,
+            "Compare inputs whose PatientIDs differ (then a warning, not an error).",
+        ),
+    )
     default_question = (
         "The first image is the prior chest X-ray and the second image is the current one. Compared with the "
         "prior image, have the findings improved, remained stable or worsened?"
@@ -43,6 +52,8 @@ class CompareTask(Task):
         for path, study in zip(inputs, studies, strict=True):
             if len(study.images) != 1:
                 raise MedlensError(f"compare needs one image per input; {path} gave {len(study.images)}")
+        allow = bool(options.extra.get("allow_different_patients", False))
+        identity_warnings = check_comparable(inputs, studies, allow)
         order, warning = chronological(studies)
         prior, current = (studies[i] for i in order)
         paths = [inputs[i] for i in order]
@@ -58,7 +69,7 @@ class CompareTask(Task):
             requests=[TaskRequest(messages, context)],
             recipe=prior.recipe,
             n_images=2,
-            warnings=[*([warning] if warning else []), *prior.warnings, *current.warnings],
+            warnings=[*([warning] if warning else []), *identity_warnings, *prior.warnings, *current.warnings],
             details={"prior": context["prior"], "current": context["current"], "reordered": context["reordered"]},
         )
 

@@ -13,6 +13,7 @@ from medlens.progress import Reporter, Timer
 from medlens.prompts import split_thinking
 from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOptions
 from medlens.tasks.envelope import Envelope, InputRef
+from medlens.warnings_capture import capture_warnings
 
 
 def check_inputs(task: Task, inputs: Sequence[Path], question: str | None) -> str:
@@ -78,7 +79,24 @@ def run_task(
     backend_options: dict[str, Any] | None = None,
 ) -> Envelope:
     """The whole task: read, prepare, generate, parse; a parse failure is reported, not raised.
-    ``backend_options`` go to :func:`~medlens.backends.load_backend` for the model (and the reasoner)."""
+    ``backend_options`` go to :func:`~medlens.backends.load_backend` for the model (and the reasoner).
+    Library warnings raised meanwhile (pydicom, transformers ...) end up, short, in the envelope's warnings."""
+    with capture_warnings() as caught:
+        envelope = _run_task(task, inputs, question, model, options, engine, reporter, backend_options)
+    envelope.warnings += [w for w in caught if w not in envelope.warnings]
+    return envelope
+
+
+def _run_task(
+    task: Task,
+    inputs: Sequence[str | Path],
+    question: str | None,
+    model: str | Backend,
+    options: TaskOptions | None,
+    engine: str,
+    reporter: Reporter | None,
+    backend_options: dict[str, Any] | None,
+) -> Envelope:
     options = options or TaskOptions()
     reporter = reporter or Reporter(False)
     timer = Timer()
