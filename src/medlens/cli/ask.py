@@ -199,7 +199,7 @@ def read_overlay_image(path: Path) -> Any:
     """The image to draw boxes on, as RGB uint8; a missing or unreadable file is a typed error."""
     from PIL import Image
 
-    from medlens.errors import CorruptFileError, NotFoundError
+    from medlens.errors import CorruptFileError
 
     if not path.is_file():
         raise NotFoundError("no such image file", str(path))
