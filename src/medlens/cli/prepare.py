@@ -28,18 +28,6 @@ Writer = Callable[..., str]
 WRITERS: Registry[Writer] = Registry("prepare writer")
 
 
-def document_kind(path: Path) -> str | None:
-    """``pdf`` or ``record`` (FHIR bundle, notes) for inputs that are not image studies, else None."""
-    if not path.is_file():
-        return None
-    suffix = path.suffix.lower()
-    if suffix == ".pdf":
-        return "pdf"
-    if suffix in (".json", ".txt", ".md"):
-        return "record"
-    return None
-
-
 def _parts(build: Any, kind: str) -> list[Any]:
     """The ``kind`` ("image" or "text") parts of a task build's messages, in prompt order."""
     return [p[kind] for r in build.requests for m in r.messages for p in m["content"] if p["type"] == kind]
@@ -71,7 +59,8 @@ def write_pdf(path: Path, out: Path, overwrite: bool, dpi: int, token_budget: in
     return f"wrote {len(pages)} page image(s) at {dpi} dpi and {manifest}"
 
 
-@WRITERS.register("record")
+@WRITERS.register("fhir")
+@WRITERS.register("notes")
 def write_record(path: Path, out: Path, overwrite: bool, dpi: int, token_budget: int) -> str:
     """summary.txt: the prompt text of the ehr-qa task (the question replaced by a placeholder)."""
     from medlens.prep import write_prepared
@@ -127,12 +116,12 @@ def prepare(
     resize); for a whole slide the patches, their level-0 coordinates and an overview.png; for a PDF the page
     images; for a FHIR bundle or notes summary.txt, the text the ehr-qa prompt holds."""
     from medlens.interrupts import on_interrupt
-    from medlens.io.discover import unsafe_members
+    from medlens.io.discover import document_kind, unsafe_members
     from medlens.warnings_capture import capture_warnings
 
     if input.is_file() and input.suffix.lower() == ".zip":
         output.note(unsafe_members(input))
-    kind = document_kind(input)
+    kind = document_kind(input)  # pdf, fhir or notes; None for an image study or slide
     untouched = f"interrupted: {out} left as it was (written only when complete); rerun to prepare"
     warnings: list[str] = []
     with on_interrupt(lambda: untouched), capture_warnings() as caught:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from medlens.errors import NoImagesFoundError, UnsupportedInputError
-from medlens.io.discover import Found, discover
+from medlens.io.discover import Found, discover, document_kind
 from medlens.io.types import ImageStack, SliceRef, TableVOI, WindowVOI
 from medlens.progress import Update as Progress
 from medlens.registry import Registry
@@ -19,9 +19,9 @@ Reader = Callable[[Found, str, str | None, str | None, Progress | None], ImageSt
 READERS: Registry[Reader] = Registry("reader")
 #: files that are inputs of a task, not image studies: what to run instead
 TASK_HINTS = {
-    ".pdf": "for a lab report use `medlens ask FILE --task lab-extract`",
-    ".json": "for a FHIR bundle use `medlens ask FILE QUESTION --task ehr-qa`",
-    ".txt": "for clinical notes use `medlens ask FILE QUESTION --task ehr-qa`",
+    "pdf": "for a lab report use `medlens ask FILE --task lab-extract`",
+    "fhir": "for a FHIR bundle use `medlens ask FILE QUESTION --task ehr-qa`",
+    "notes": "for clinical notes use `medlens ask FILE QUESTION --task ehr-qa`",
 }
 
 
@@ -60,7 +60,8 @@ def open_input(
     ``found``: the input's files when already discovered (see :func:`discover_input`).
     """
     source = str(path)
-    hint = TASK_HINTS.get(Path(path).suffix.lower()) if Path(path).is_file() else None
+    document = document_kind(Path(path))
+    hint = TASK_HINTS[document] if document else None
     if hint:
         raise UnsupportedInputError(f"not an image study; {hint}", source)
     found = found if found is not None else discover(Path(path))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medlens.errors import CorruptFileError, NoImagesFoundError, NotFoundError
-from medlens.io.discover import Found, FoundFile, discover, kind_of
+from medlens.io.discover import Found, FoundFile, discover, document_kind, kind_of
 from medlens.registry import Registry
 
 #: PIL mode -> bits per sample
@@ -41,13 +41,10 @@ def input_kind(path: Path, found: Found | None) -> str:
     if find_slide(path, found) is not None:
         return "slide"
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".pdf" or (kind_of(path.name) == "dicom" and path.stat().st_size and is_pdf(path)):
+        if document := document_kind(path):
+            return document
+        if kind_of(path.name) == "dicom" and path.stat().st_size and is_pdf(path):
             return "pdf"
-        if suffix == ".json":
-            return "fhir"
-        if suffix in (".txt", ".md"):
-            return "notes"
         kind = kind_of(path.name)
         if kind in ("nifti", "raster"):
             return kind

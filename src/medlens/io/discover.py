@@ -18,6 +18,14 @@ NOT_IMAGE_SUFFIXES = (
     ".txt", ".json", ".xml", ".csv", ".md", ".html", ".htm", ".pdf", ".py", ".log", ".ini", ".yaml", ".yml",
     ".dump", ".icc", ".gz", ".tar", ".tgz", ".7z",
 )  # fmt: skip
+#: inputs of a task that are documents, not image studies: suffix -> ``pdf`` (lab report), ``fhir`` (a FHIR
+#: bundle) or ``notes`` (clinical notes)
+DOCUMENT_SUFFIXES = {".pdf": "pdf", ".json": "fhir", ".txt": "notes", ".md": "notes"}
+
+
+def document_kind(path: Path) -> str | None:
+    """``pdf``, ``fhir`` or ``notes`` for a file that is a document input (by its suffix), else None."""
+    return DOCUMENT_SUFFIXES.get(path.suffix.lower()) if path.is_file() else None
 
 
 @dataclass(frozen=True)

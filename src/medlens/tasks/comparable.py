@@ -24,7 +24,7 @@ def check_comparable(
     """Warnings for what could not be checked or is allowed; raise ``InputError`` for what is not comparable.
     ``studies`` are :class:`~medlens.prep.Prepared` (their ``identity``), ``inputs`` the paths in the same order."""
     warnings: list[str] = []
-    ids = [dict(getattr(s, "identity", None) or {}) for s in studies]
+    ids = [dict(s.identity) for s in studies]
     silent = [str(p) for p, i in zip(inputs, ids, strict=True) if not i]
     if silent:
         warnings.append(
