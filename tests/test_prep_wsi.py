@@ -269,6 +269,21 @@ def test_fast_morphology_equals_scipy(radius, density):
         assert np.array_equal(binary_erode(m, cross, 4), ndimage.binary_erosion(m, structure=cross, iterations=4))
 
 
+def test_fill_holes_equals_scipy():
+    from scipy import ndimage
+
+    from medlens.prep.wsi import fill_holes
+
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        m = rng.random(tuple(rng.integers(1, 50, 2))) < rng.random()
+        assert np.array_equal(fill_holes(m), ndimage.binary_fill_holes(m)), trial
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7], ring[3:6, 3:6] = True, False  # a square ring: its inside is a hole, the outside is not
+    assert fill_holes(ring)[2:7, 2:7].all() and not fill_holes(ring)[0].any()
+    assert np.array_equal(fill_holes(np.ones((4, 4), bool)), np.ones((4, 4), bool))  # no background at all
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_table_colour_stages_equal_the_per_pixel_way(seed):
     """S/V from the (max, max - min) table and the Otsu cut from pair counts equal the per-pixel float way."""

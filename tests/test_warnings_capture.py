@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import warnings
@@ -88,3 +89,35 @@ def test_a_handler_a_library_adds_meanwhile_is_muted_then_kept() -> None:
         assert stream.getvalue() == "" and added in logger.handlers
     finally:
         logger.removeHandler(added)
+
+
+def test_c_level_stderr_becomes_warnings_while_a_capture_is_open(capfd: pytest.CaptureFixture[str]) -> None:
+    from medlens.warnings_capture import native_stderr
+
+    with capture_warnings() as caught, native_stderr("openjpeg"):
+        os.write(2, b"Invalid number of tiles\nMarker handler function failed\n")
+        os.write(2, b"\x1b[2Kprogress 3/85\n")  # another thread's progress bar: written back, not recorded
+    assert caught == ["openjpeg: Invalid number of tiles", "openjpeg: Marker handler function failed"]
+    assert capfd.readouterr().err == "\x1b[2Kprogress 3/85\n"
+    with native_stderr("openjpeg"):  # no capture open: descriptor 2 is left alone
+        os.write(2, b"raw\n")
+    assert capfd.readouterr().err == "raw\n"
+
+
+def test_openjpeg_messages_do_not_reach_the_terminal() -> None:
+    """pydicom's corpus file whose JPEG 2000 header makes openjpeg print two lines on descriptor 2 from C."""
+    pytest.importorskip("pydicom.data")
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("JPEG2000-embedded-sequence-delimiter.dcm")
+    code = "import sys; from medlens.cli import main; main(sys.argv[1:])"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "prepare", str(path), "--out", "/dev/null/never"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medlens: error:"), proc.stderr
+    assert "Invalid number of tiles" not in proc.stderr

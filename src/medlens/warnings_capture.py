@@ -8,13 +8,20 @@ printed; the context yields a list that, on exit, holds them deduplicated and sh
 
 Nesting and threads: the outermost context installs the capture and the last one to leave removes it; a
 record reaches every context open at the time (worker threads included, e.g. the parallel slice encoding).
+
+C libraries write to file descriptor 2 directly, past Python (openjpeg: "Invalid number of tiles ..."): code that
+calls one wraps the call in :func:`native_stderr`, which points descriptor 2 at a temporary file while a capture is
+open and records what was written, line by line, as that library's warnings.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
@@ -148,3 +155,37 @@ def capture_warnings() -> Iterator[list[str]]:
             if not _sinks:
                 _uninstall()
         out.extend(dedupe(sink))
+
+
+_fd_lock = threading.Lock()
+_ESCAPE = "\x1b"
+
+
+@contextlib.contextmanager
+def native_stderr(source: str) -> Iterator[None]:
+    """While a :func:`capture_warnings` is open, what C code writes to descriptor 2 inside this context becomes
+    warnings of ``source``, one per line; otherwise nothing changes. Descriptor 2 is the whole process's, so callers
+    are serialised (the windows are one decoder call long); text another thread draws meanwhile (a progress bar:
+    it holds terminal escape codes) is written back to the terminal, not recorded."""
+    if not _sinks:
+        yield
+        return
+    with _fd_lock, tempfile.TemporaryFile() as sink:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", errors="replace")
+    for line in text.splitlines():
+        if _ESCAPE in line:
+            os.write(2, (line + "\n").encode())
+        elif line.strip():
+            _record(source, line)

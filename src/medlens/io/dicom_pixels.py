@@ -13,6 +13,7 @@ from medlens.errors import CorruptFileError
 from medlens.io.dicom_header import DicomInstance, FrameGeometry
 from medlens.io.dicom_values import integer
 from medlens.io.limits import check_decoded_size
+from medlens.warnings_capture import native_stderr
 
 _NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # Implicit and Explicit VR Little Endian
 
@@ -58,7 +59,7 @@ def _raw_frames(inst: DicomInstance, frames: list[int]) -> list[np.ndarray]:
     if native is not None:
         return [native]
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), native_stderr(_decoder_name(inst)):
             warnings.simplefilter("ignore")
             return _pydicom_frames(inst, frames)
     except MemoryError:
@@ -68,6 +69,12 @@ def _raw_frames(inst: DicomInstance, frames: list[int]) -> list[np.ndarray]:
         name = getattr(tsyntax, "name", str(tsyntax))
         detail = " ".join(str(exc).split())  # decoder messages span lines; errors are one line
         raise CorruptFileError(f"cannot decode pixel data ({name}): {detail}", inst.display) from None
+
+
+def _decoder_name(inst: DicomInstance) -> str:
+    """Who speaks on descriptor 2 while decoding: the JPEG 2000 decoder (openjpeg) or another pixel plugin."""
+    syntax = str(inst.dataset.file_meta.get("TransferSyntaxUID", ""))
+    return "openjpeg" if syntax.startswith(("1.2.840.10008.1.2.4.9", "1.2.840.10008.1.2.4.20")) else "pydicom"
 
 
 def _pydicom_frames(inst: DicomInstance, frames: list[int]) -> list[np.ndarray]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,7 +143,11 @@ def _prepare(slide: Slide, spec: SlideSpec, recipe: str, opts: SlideOptions, pro
         if progress:
             progress(done[0], len(requests))
 
-    results = read_regions(spec, requests, on_done=tick, **workers)
+    # The overview is drawn meanwhile (the parent mostly waits on the workers); redrawn if patches fail.
+    with ThreadPoolExecutor(max_workers=1) as drawer:
+        drawing = drawer.submit(draw_overview, thumb, mask, mask_ds, chosen, set())
+        results = read_regions(spec, requests, on_done=tick, **workers)
+        overview = drawing.result()
     images, refs, entries, failed = [], [], [], []
     for box, result in zip(chosen, results, strict=True):
         entry = _entry(box, level, magnification)
@@ -154,6 +159,7 @@ def _prepare(slide: Slide, spec: SlideSpec, recipe: str, opts: SlideOptions, pro
         entries.append(entry)
     if failed:
         warnings.append(f"{len(failed)} of {len(chosen)} patches unreadable and left out (see the manifest)")
+        overview = draw_overview(thumb, mask, mask_ds, chosen, {tuple(f["x0_y0"]) for f in failed})
     if not images:
         raise CorruptFileError(f"none of the {len(chosen)} patches could be read: {failed[0]['error']}", spec.path)
 
@@ -184,7 +190,7 @@ def _prepare(slide: Slide, spec: SlideSpec, recipe: str, opts: SlideOptions, pro
         warnings=warnings,
         image_meta=entries,
         meta=meta,
-        overview=draw_overview(thumb, mask, mask_ds, chosen, {tuple(f["x0_y0"]) for f in failed}),
+        overview=overview,
     )
 
 
