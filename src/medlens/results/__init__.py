@@ -1,0 +1,1 @@
+"""Results out: DICOM SR (TID 1500) and FHIR DiagnosticReport from a task envelope."""

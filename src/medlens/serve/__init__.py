@@ -1,0 +1,1 @@
+"""``medlens serve``: the study-level HTTP API (FastAPI), its job store and its web page."""
