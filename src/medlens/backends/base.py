@@ -109,6 +109,9 @@ class Backend(ABC):
     #: identifies the weights (:func:`medlens.models.model_fingerprint` of local ones); results of different
     #: fingerprints are never mixed (evaluation journal, fine-tuning runs)
     fingerprint: str = ""
+    #: True when requests leave this machine (a server that is not on a loopback address): medlens then
+    #: de-identifies the text it sends (``TaskOptions.deid`` None means: follow this)
+    remote: bool = False
 
     @property
     def revision(self) -> str:

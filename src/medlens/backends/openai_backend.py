@@ -83,6 +83,8 @@ class OpenAIBackend(Backend):
     - ``extra_body``: fields added to every request, for servers with their own sampling options (e.g.
       ``--model-arg 'extra_body={"repeat_penalty": 1.0}'``: llama-cpp-python's server penalises repeats by
       default, so its answers are plain greedy only with this).
+    - ``remote``: whether requests leave this machine (default: the host of ``base_url`` is not a loopback
+      address, or ``MEDLENS_TREAT_AS_REMOTE=1``); medlens de-identifies the text it sends to remote servers.
 
     ``generate`` returns outputs in request order; when a request fails for good it stops starting new ones,
     lets those in flight finish, and raises :class:`~medlens.backends.base.GenerationFailed` with the outputs
@@ -101,9 +103,13 @@ class OpenAIBackend(Backend):
         max_retries: int = 5,
         backoff: float = 0.5,
         extra_body: dict[str, Any] | None = None,
+        remote: bool | None = None,
     ):
         self.model_name = model
         self.base_url = _check_base_url(base_url or os.environ.get("MEDLENS_OPENAI_BASE_URL") or DEFAULT_BASE_URL)
+        if remote is not None and not isinstance(remote, bool):
+            raise MedlensError(f"engine openai: remote must be true or false, not {remote!r}")
+        self.remote = is_remote_url(self.base_url) if remote is None else remote
         self.api_key = api_key or os.environ.get("MEDLENS_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.timeout = _number("timeout", timeout, positive=True)
         self.concurrency = _whole("concurrency", concurrency, minimum=1)
@@ -344,6 +350,26 @@ class OpenAIBackend(Backend):
             error = ServerRefusedError(f"{where} answered HTTP {status}" + (f": {words}" if words else ""))
         error.status = status
         return error
+
+
+#: set to 1 to treat every OpenAI-compatible server as remote (tests, or a loopback tunnel to another machine)
+TREAT_AS_REMOTE_ENV = "MEDLENS_TREAT_AS_REMOTE"
+
+
+def is_remote_url(url: str) -> bool:
+    """True unless the URL's host is a loopback address (``localhost``, ``127.0.0.0/8``, ``::1``), or
+    ``MEDLENS_TREAT_AS_REMOTE=1``."""
+    import ipaddress
+
+    if os.environ.get(TREAT_AS_REMOTE_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return True
+    host = httpx.URL(url).host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 def _check_base_url(url: str) -> str:

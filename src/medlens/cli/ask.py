@@ -27,6 +27,7 @@ from medlens.cli.options import (
     slide_group,
     uses,
 )
+from medlens.cli.prepare import DicomwebConfig, use_dicomweb_config
 from medlens.errors import MedlensError, NotFoundError
 
 if TYPE_CHECKING:
@@ -110,10 +111,44 @@ def ask(
     instruction: Annotated[str | None, typer.Option(help="Replace the text placed before the images.")] = None,
     think: Annotated[bool, typer.Option("--think", help="Switch on MedGemma's thinking mode.")] = False,
     max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Cap on generated tokens.")] = None,
+    deid: Annotated[
+        bool | None,
+        typer.Option(
+            "--deid/--no-deid",
+            help="De-identify the text sent to the model (names, identifiers, contacts, exact dates from records, "
+            "notes and headers). Default: on for a remote engine (a server not on this machine), off for local ones.",
+        ),
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="json, or a task's own format (csv for lab-extract).")] = "json",
     html: Annotated[
         Path | None, typer.Option("--html", help="Also write a one-page HTML view: images, answer, boxes, warnings.")
     ] = None,
+    sr_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--sr-out",
+            help="Also write the result as a DICOM Comprehensive 3D SR in the source study (DICOM inputs only).",
+            rich_help_panel="Hospital outputs",
+        ),
+    ] = None,
+    fhir_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--fhir-out",
+            help="Also write the result as a FHIR R4 Bundle (DiagnosticReport + Observations), DICOM inputs only.",
+            rich_help_panel="Hospital outputs",
+        ),
+    ] = None,
+    store_sr: Annotated[
+        str | None,
+        typer.Option(
+            "--store-sr",
+            metavar="SERVER",
+            help="Also store the result as a DICOM SR in the source study on this configured DICOMweb server.",
+            rich_help_panel="Hospital outputs",
+        ),
+    ] = None,
+    dicomweb_config: DicomwebConfig = None,
     server: Annotated[
         str | None,
         typer.Option(
@@ -143,6 +178,7 @@ def ask(
 
     chosen = get_task(task)
     settings = task_settings(chosen, task_values)
+    use_dicomweb_config(dicomweb_config)
     inputs, question = split_inputs(args, question_opt)
     if api_key_file is not None and server is None:
         raise MedlensError("--api-key-file goes with --server URL")
@@ -156,9 +192,11 @@ def ask(
             "instruction": instruction,
             "thinking": think or None,
             "max_new_tokens": max_new_tokens,
+            "deid": deid,
             **{name: value for name, value in task_values.items() if value is not None},
         }
         result = ask_server(server, api_key_file, inputs, question, task, options, slide, model, output)
+        write_results(result, inputs, sr_out, fhir_out, store_sr, output)
         emit(chosen, result, fmt, output)
         return
     builds: list[Any] = []
@@ -178,6 +216,7 @@ def ask(
         instruction=instruction,
         thinking=think,
         max_new_tokens=max_new_tokens,
+        deid=deid,
         slide=slide,
         on_build=builds.append if html else None,
         **settings,
@@ -186,7 +225,30 @@ def ask(
         from medlens.cli.result_page import write_page
 
         output.note([f"wrote {write_page(html, result, builds)}"])
+    write_results(result, inputs, sr_out, fhir_out, store_sr, output)
     emit(chosen, result, fmt, output)
+
+
+def write_results(
+    result: dict[str, Any],
+    inputs: list[str],
+    sr_out: Path | None,
+    fhir_out: Path | None,
+    store_sr: str | None,
+    output: Output,
+) -> None:
+    """``--sr-out`` / ``--fhir-out`` / ``--store-sr``: the result as a DICOM SR and a FHIR Bundle, joined to the
+    source study (local DICOM inputs, or a dicomweb:// study's headers from its server)."""
+    if sr_out is None and fhir_out is None and store_sr is None:
+        return
+    from medlens.privacy import short_hash
+    from medlens.results import store_sr as store
+    from medlens.results import write_outputs
+
+    notes = [f"wrote {p}" for p in write_outputs(result, inputs, sr_out, fhir_out)]
+    if store_sr is not None:
+        notes.append(f"stored the SR {short_hash(store(result, inputs, store_sr))} on dicomweb://{store_sr}")
+    output.note(notes)
 
 
 #: the task options that name a file written on this machine: a remote server cannot write them
@@ -366,15 +428,17 @@ def split_inputs(args: list[str], question: str | None = None) -> tuple[list[str
     :func:`looks_like_question`. Every other argument must exist: all missing ones are named in one error.
     With --question every argument is an input, and a last one that reads as a question is an error.
     """
+    from medlens.io.dicomweb import is_dicomweb  # a dicomweb:// reference is an input, never a question
+
     inputs = list(args)
     last = inputs[-1] if len(inputs) > 1 else None
-    if last is not None and not Path(last).exists():
+    if last is not None and not is_dicomweb(last) and not Path(last).exists():
         reads = not looks_like_path(last) if len(inputs) == 2 else looks_like_question(last)
         if reads and question is not None and (len(inputs) > 2 or looks_like_question(last)):
             raise MedlensError(f"two questions: --question and {last!r}; give one")
         if reads and question is None:
             question = inputs.pop()
-    missing = [a for a in inputs if not Path(a).exists()]
+    missing = [a for a in inputs if not is_dicomweb(a) and not Path(a).exists()]
     if missing:
         hint = "" if question is not None else " (to ask a question, use --question TEXT)"
         raise NotFoundError(f"no such file or folder: {', '.join(missing)}{hint}")

@@ -13,11 +13,23 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from medlens.cli.options import OUTPUT, STUDY, InputArg, Output, StudyChoice, slide_group, uses
+from medlens.cli.options import INPUT_HELP, OUTPUT, STUDY, Output, StudyChoice, slide_group, uses
 from medlens.registry import Registry
 
 if TYPE_CHECKING:
     from medlens.prep.slide_recipe import SlideOptions
+
+#: a path, or a study on a configured DICOMweb server (kept as text: a Path would fold its ``//``)
+SourceArg = Annotated[
+    str, typer.Argument(help=INPUT_HELP + " Or dicomweb://SERVER/STUDY_UID[/SERIES_UID] (see --dicomweb-config).")
+]
+DicomwebConfig = Annotated[
+    Path | None,
+    typer.Option(
+        "--dicomweb-config",
+        help="DICOMweb servers file (default $MEDLENS_DICOMWEB_CONFIG or ~/.config/medlens/dicomweb.toml).",
+    ),
+]
 
 #: where the ehr-qa question goes in summary.txt (prepare has no question)
 QUESTION_PLACEHOLDER = "<your question>"
@@ -98,7 +110,7 @@ def write_record(path: Path, out: Path, overwrite: bool, dpi: int, token_budget:
 
 @uses(STUDY, slide_group(prompt=False), OUTPUT)
 def prepare(
-    input: InputArg,
+    input: SourceArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for 0001.png ... and manifest.json.")],
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the output of an earlier prepare in --out.")
@@ -107,6 +119,7 @@ def prepare(
     token_budget: Annotated[
         int, typer.Option(min=200, help="FHIR/notes: tokens the patient summary must fit in.")
     ] = 6000,
+    dicomweb_config: DicomwebConfig = None,
     *,
     study: StudyChoice,
     slide: SlideOptions,
@@ -119,18 +132,21 @@ def prepare(
     from medlens.io.discover import document_kind, unsafe_members
     from medlens.warnings_capture import capture_warnings
 
-    if input.is_file() and input.suffix.lower() == ".zip":
-        output.note(unsafe_members(input))
-    kind = document_kind(input)  # pdf, fhir or notes; None for an image study or slide
+    use_dicomweb_config(dicomweb_config)
+    remote = input.startswith("dicomweb:")
+    source: Any = input if remote else Path(input)
+    if not remote and source.is_file() and source.suffix.lower() == ".zip":
+        output.note(unsafe_members(source))
+    kind = None if remote else document_kind(source)  # pdf, fhir or notes; None for an image study or slide
     untouched = f"interrupted: {out} left as it was (written only when complete); rerun to prepare"
     warnings: list[str] = []
     with on_interrupt(lambda: untouched), capture_warnings() as caught:
         if kind is not None:
-            done = WRITERS.get(kind)(input, out, overwrite, dpi, token_budget)
+            done = WRITERS.get(kind)(source, out, overwrite, dpi, token_budget)
         else:
             from medlens.prep import prepare_study, write_prepared
 
-            prepared = prepare_study(input, study.recipe, study.series, study.modality, output.reporter, slide=slide)
+            prepared = prepare_study(source, study.recipe, study.series, study.modality, output.reporter, slide=slide)
             manifest = write_prepared(prepared, out, overwrite)
             warnings = prepared.warnings
             done = f"wrote {len(prepared.images)} image(s) ({prepared.modality}, {prepared.family}) and {manifest}"
@@ -138,16 +154,33 @@ def prepare(
 
 
 @uses(OUTPUT)
-def inspect(input: InputArg, output: Output) -> None:
+def inspect(input: SourceArg, output: Output, dicomweb_config: DicomwebConfig = None) -> None:
     """Describe an input: the series of a DICOM input (UIDs as short hashes, usable with --series), a NIfTI's
     geometry, an image's size, a PDF's pages, a FHIR bundle's resources, a slide's pyramid (never its label
-    or macro image). An input that cannot be read exits 2 with the reason."""
+    or macro image); the series of a dicomweb:// study. An input that cannot be read exits 2 with the reason."""
+    use_dicomweb_config(dicomweb_config)
+    if input.startswith("dicomweb:"):
+        from medlens.io.dicomweb import describe_dicomweb
+
+        for line in describe_dicomweb(input):
+            typer.echo(line)
+        return
     from medlens.io.describe import describe
 
-    described = describe(input)
+    described = describe(Path(input))
     for line in described.lines:
         typer.echo(line)
     output.note(described.warnings)
+
+
+def use_dicomweb_config(path: Path | None) -> None:
+    """``--dicomweb-config FILE``: the same as MEDLENS_DICOMWEB_CONFIG=FILE for this command."""
+    if path is not None:
+        import os
+
+        from medlens.io.dicomweb_config import ENV
+
+        os.environ[ENV] = str(path)
 
 
 def register(app: typer.Typer) -> None:

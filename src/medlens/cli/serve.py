@@ -11,6 +11,7 @@ import typer
 
 from medlens.cli.options import ModelChoice, model_group, uses
 from medlens.errors import MedlensError
+from medlens.interrupts import on_interrupt
 
 if TYPE_CHECKING:
     from medlens.serve.settings import ServeSettings
@@ -114,14 +115,16 @@ def _run(settings: ServeSettings, log_level: str) -> None:
         "(research use only; Ctrl-C stops)",
         err=True,
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning" if log_level != "debug" else "info",
-        access_log=False,
-        server_header=False,
-    )
+    stopped = f"server stopped; finished jobs stay in {settings.jobs_db} (a restarted server answers for them)"
+    with on_interrupt(lambda: stopped):  # uvicorn shuts down gracefully, then passes the signal on
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning" if log_level != "debug" else "info",
+            access_log=False,
+            server_header=False,
+        )
 
 
 def register(app: typer.Typer) -> None:

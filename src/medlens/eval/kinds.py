@@ -339,8 +339,9 @@ class TaskKind(Kind):
 
 
 #: TaskOptions fields a benchmark does not set in ``task_options``: the run's recipe, ``generation``'s
-#: thinking and token cap, and the extra bag (filled from the task's own declared options)
-_FROM_RUN = frozenset({"recipe", "thinking", "max_new_tokens", "extra"})
+#: thinking and token cap, the extra bag (filled from the task's own declared options), and de-identification
+#: (the run decides: on for a remote engine)
+_FROM_RUN = frozenset({"recipe", "thinking", "max_new_tokens", "extra", "deid"})
 
 
 @lru_cache(maxsize=32)

@@ -20,6 +20,7 @@ import inspect
 import json
 import platform
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,14 @@ class _RunState:
         )
 
 
+def _deidentify(queries: list[Any]) -> None:
+    """Scrub the queries' texts for a remote backend, with the names and identifiers found in their files."""
+    from medlens.io.text_deid import phi_terms, scrub_messages
+
+    if sum(scrub_messages(q.messages, phi_terms(q.files)) for q in queries):
+        warnings.warn("the text was de-identified before it was sent to a remote backend", stacklevel=2)
+
+
 def _identity(backend: Backend) -> BackendIdentity:
     return BackendIdentity(
         engine=backend.engine,
@@ -179,6 +188,8 @@ def _generate_missing(
         done = 0
         for batch in study_batches(todo, files, batch_size):
             queries = [kind.query(items[i]) for i in batch]
+            if backend.remote:  # text leaving the machine is de-identified (docs/hospital.md)
+                _deidentify(queries)
             requests = [
                 GenerationRequest(
                     query.messages,

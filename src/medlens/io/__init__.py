@@ -53,13 +53,18 @@ def open_input(
     progress: Progress | None = None,
     found: Found | None = None,
 ) -> ImageStack:
-    """Read ``path`` (file, folder or zip) and return the stack the model should see.
+    """Read ``path`` (file, folder or zip, or ``dicomweb://SERVER/STUDY[/SERIES]``) and return the stack the
+    model should see.
 
     ``series`` (a SeriesInstanceUID or its short hash) picks a DICOM series; ``modality`` (CT, MR, CR ...)
     sets what files without metadata (NIfTI, PNG) are taken to be. Slices are decoded on ``stack.load``.
     ``found``: the input's files when already discovered (see :func:`discover_input`).
     """
     source = str(path)
+    if _remote(source):  # dicomweb://SERVER/STUDY[/SERIES]: a study on a configured server
+        from medlens.io.dicomweb import read_dicomweb
+
+        return read_dicomweb(source, series=series, progress=progress)
     document = document_kind(Path(path))
     hint = TASK_HINTS[document] if document else None
     if hint:
@@ -87,11 +92,19 @@ def open_input(
 
 
 def discover_input(path: str | Path) -> Found | None:
-    """The files of a folder or zip (unpacked once), ``None`` for a single file (read directly)."""
+    """The files of a folder or zip (unpacked once), ``None`` for a single file (read directly) or a
+    ``dicomweb://`` study."""
+    if _remote(str(path)):
+        return None
     p = Path(path)
     if p.is_file() and not p.name.lower().endswith(".zip"):
         return None
     return discover(p)
+
+
+def _remote(source: str) -> bool:
+    """A ``dicomweb:`` reference (a local file of that name is still read as a file)."""
+    return source.startswith("dicomweb:") and not Path(source).exists()
 
 
 def _single(files: list, what: str, source: str):

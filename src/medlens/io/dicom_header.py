@@ -117,6 +117,27 @@ def read_instance(path: Path, display: str) -> DicomInstance:
         raise CorruptFileError(f"damaged DICOM header ({type(exc).__name__}: {detail})", display) from None
 
 
+def instance_from_metadata(ds: Any, display: str, has_pixels: bool = True) -> DicomInstance:
+    """A :class:`DicomInstance` from a header without a file (DICOMweb WADO-RS metadata, pixels not yet
+    fetched): the same checks as :func:`read_instance`, except the truncation check (nothing to measure).
+    ``has_pixels``: whether the metadata lists pixel data (as bulk data)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    if not hasattr(ds, "file_meta") or "TransferSyntaxUID" not in ds.file_meta:
+        meta = FileMetaDataset()
+        meta.TransferSyntaxUID = text(ds, "TransferSyntaxUID") or ExplicitVRLittleEndian
+        ds.file_meta = meta
+    try:
+        pixels = PixelElement(PIXEL_TAGS[0], None, None) if has_pixels else None
+        return _instance(Path(display), display, ds, pixels)  # type: ignore[arg-type]
+    except MedlensError:
+        raise
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise CorruptFileError(f"damaged DICOM metadata ({type(exc).__name__}: {detail})", display) from None
+
+
 def _instance(path: Path, display: str, ds: Any, pixels: PixelElement) -> DicomInstance:
     modality = text(ds, "Modality").upper() or "OT"
     if pixels is None:

@@ -71,6 +71,9 @@ class ImageStack:
     notes: list[str] = field(default_factory=list)
     #: keeps temporary files (an unpacked zip) alive as long as the stack can still load slices
     keepalive: object = field(default=None, repr=False)
+    #: optional: start getting these slices (a DICOMweb stack retrieves them all at once, in parallel); ``load``
+    #: still returns them. Recipes call it with every index they will load, before loading.
+    prefetch: Callable[[Sequence[int]], None] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.slices)

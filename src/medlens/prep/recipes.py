@@ -78,6 +78,8 @@ def prepare(stack: ImageStack, recipe: str = DEFAULT_RECIPE) -> Prepared:
     family = family_of(stack)
     stack = reorder(stack, spec.order)
     indices = spec.sample(len(stack), spec.max_slices)  # every slice when there are at most max_slices
+    if stack.prefetch is not None:
+        stack.prefetch(indices)
     rgb = spec.families[family](stack, indices)
     warnings = list(stack.notes)
     if len(indices) < len(stack):

@@ -81,4 +81,6 @@ def reorder(stack: ImageStack, order: str) -> ImageStack:
     def load(indices: Sequence[int]) -> np.ndarray:
         return loader([perm[i] for i in indices])
 
-    return replace(stack, slices=[stack.slices[i] for i in perm], loader=load)
+    fetch = stack.prefetch
+    prefetch = None if fetch is None else lambda indices: fetch([perm[i] for i in indices])
+    return replace(stack, slices=[stack.slices[i] for i in perm], loader=load, prefetch=prefetch)

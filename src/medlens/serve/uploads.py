@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.message
 import email.utils
+import hashlib
 import json
 import os
 import shutil
@@ -323,15 +324,35 @@ def study_inputs(upload: Upload, spec: list[dict[str, Any]] | None, settings: Se
     made: list[StudyInput] = []
     for n, item in enumerate(spec):
         if "dicomweb" in item:
-            ref = item["dicomweb"]
-            server = ref.get("server") if isinstance(ref, dict) else None
-            raise UploadError(f"no DICOMweb server named {server!r} is configured")
+            made.append(dicomweb_input(item["dicomweb"], n))
+            continue
         names = [safe_name(f) for f in item["files"]]
         for f in names:
             if f not in upload.files:
                 raise UploadError(f"input {n + 1} names {f!r}, which was not uploaded")
         made.append(_one_input(upload, names, n, settings))
     return made
+
+
+def dicomweb_input(ref: Any, n: int) -> StudyInput:
+    """``{"server": NAME, "study": UID, "series": UID?}``: a study on a DICOMweb server this machine's
+    configuration names (never a URL from the request); an unknown name is refused before any connection."""
+    from medlens.errors import InputError
+    from medlens.io.dicomweb import parse_ref
+    from medlens.io.dicomweb_config import get_server
+
+    wanted = {"server", "study", "series"}
+    if not isinstance(ref, dict) or not {"server", "study"} <= set(ref) or not set(ref) <= wanted:
+        raise BadField(f'input {n + 1}: \'dicomweb\' must be {{"server": NAME, "study": UID, "series": UID}}')
+    if not all(isinstance(v, str) for v in ref.values()):
+        raise BadField(f"input {n + 1}: the 'dicomweb' server, study and series must be strings")
+    text = f"dicomweb://{ref['server']}/{ref['study']}" + (f"/{ref['series']}" if ref.get("series") else "")
+    try:
+        get_server(ref["server"])
+        parse_ref(text)
+    except InputError as exc:
+        raise UploadError(f"input {n + 1}: {exc}") from None
+    return StudyInput(Path(text), text, hashlib.sha256(text.encode()).hexdigest())
 
 
 def _one_input(upload: Upload, names: list[str], n: int, settings: ServeSettings) -> StudyInput:

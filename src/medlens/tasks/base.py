@@ -33,6 +33,9 @@ class TaskOptions:
     token_budget: int = 6000  # ehr-qa
     reasoner: str | None = None  # differential
     slide: SlideOptions = field(default_factory=SlideOptions)  # whole-slide images: magnification, tissue ...
+    #: de-identify the text sent to the model (names, identifiers, dates ...): None follows the backend
+    #: (on for a remote one, off for a local one)
+    deid: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

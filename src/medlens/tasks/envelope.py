@@ -24,6 +24,10 @@ class Envelope(BaseModel):
     engine: str
     untrained_test_model: bool = False
     recipe: str | None = None
+    #: the question asked (for the DICOM SR / FHIR outputs of medlens.results); None when not recorded
+    question: str | None = None
+    #: what identifies the weights (Backend.model_fingerprint), for the SR's algorithm identification
+    model_fingerprint: str | None = None
     inputs: list[InputRef] = Field(default_factory=list)
     n_images: int = 0
     answer: str = ""

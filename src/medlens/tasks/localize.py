@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from medlens.errors import MedlensError
 from medlens.prep import prepare_study
 from medlens.prep.square import SCALE, Padding, pad_to_square, padding_for, to_pixels
+from medlens.privacy import short_hash
 from medlens.prompts import image_messages
 from medlens.tasks.base import Parsed, ParseError, Task, TaskBuild, TaskOption, TaskOptions, TaskRequest
 from medlens.tasks.jsonout import FoundJSON, cut_unfinished, find_json
@@ -91,12 +92,21 @@ class LocalizeTask(Task):
         square, padding = pad_to_square(self._image)
         messages = image_messages([square], localize_prompt(question), options.instruction, options.thinking)
         size = [padding.width, padding.height]
+        ref = prepared.slices[0]
+        # which source image the boxes are on, for the DICOM SR (medlens.results): UID hashed, frame 0-based
+        image_ref = {"sop_instance": short_hash(ref.sop_instance_uid) if ref.sop_instance_uid else None}
+        image_ref["frame"] = ref.frame
         return TaskBuild(
             requests=[TaskRequest(messages, context={"padding": padding.as_dict(), "image_size": size})],
             recipe=prepared.recipe,
             n_images=1,
             warnings=list(prepared.warnings),
-            details={**study_details(prepared), "image_size": size, "padded_side": padding.side},
+            details={
+                **study_details(prepared),
+                "image_size": size,
+                "padded_side": padding.side,
+                "image_ref": image_ref,
+            },
         )
 
     def parse(self, text: str, context: dict[str, Any]) -> Parsed:

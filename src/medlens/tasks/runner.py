@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,8 @@ def _run_task(
         build = task.build(paths, question, options)
     options_for_engine = backend_options or {}
     backend = _backend(model, engine, timer, reporter, options_for_engine)
+    deid = should_deidentify(options, backend)
+    terms = deidentify_build(build, paths, backend) if deid else None
     texts, envelope = generate(backend, build, options, timer, reporter)
     parsed = task.combine([parse_output(task, t, r.context) for t, r in zip(texts, build.requests, strict=True)])
     warnings = [*build.warnings, *parsed.warnings]
@@ -114,6 +117,8 @@ def _run_task(
         reasoner = (
             _backend(options.reasoner, engine, timer, reporter, options_for_engine) if options.reasoner else backend
         )
+        if should_deidentify(options, reasoner):
+            deidentify_build(second, paths, reasoner, terms, note=False)
         texts2, envelope2 = generate(reasoner, second, options, timer, reporter, stage="generate_stage2")
         parsed2 = task.combine([parse_output(task, t, r.context) for t, r in zip(texts2, second.requests, strict=True)])
         warnings += [*second.warnings, *parsed2.warnings]
@@ -130,6 +135,8 @@ def _run_task(
             {"stage": 2, "model": envelope2.model, "engine": envelope2.engine},
         ]
     warnings += task.finish(parsed, build, options)
+    envelope.question = question
+    envelope.model_fingerprint = backend.revision
     return finalize(envelope, task, paths, build, texts, parsed, warnings, timer)
 
 
@@ -147,7 +154,7 @@ def finalize(
     split = [split_thinking(t) for t in texts]
     envelope.task = task.name
     envelope.recipe = build.recipe
-    envelope.inputs = [InputRef(file=str(p), sha256=sha256_of(p)) for p in paths]
+    envelope.inputs = [input_ref(p) for p in paths]
     envelope.n_images = build.n_images
     envelope.answer = "\n\n".join(s.answer for s in split)
     envelope.thinking = "\n\n".join(s.thinking for s in split if s.thinking) or None
@@ -164,6 +171,37 @@ def finalize(
         warnings.append(f"could not parse the model output: {parsed.error}")
     envelope.warnings = warnings
     return envelope
+
+
+def should_deidentify(options: TaskOptions, backend: Backend) -> bool:
+    """``options.deid`` when set, else whether the backend is remote."""
+    return options.deid if options.deid is not None else bool(getattr(backend, "remote", False))
+
+
+def deidentify_build(
+    build: TaskBuild, paths: Sequence[Path], backend: Backend, terms: set[str] | None = None, note: bool = True
+) -> set[str]:
+    """Scrub every text part of the build's requests in place (:mod:`medlens.io.text_deid`: the names and
+    identifiers found in the inputs, and patterns); a warning says so. Returns the terms (for a second stage)."""
+    from medlens.io.text_deid import phi_terms, scrub_messages
+
+    terms = phi_terms(paths) if terms is None else terms
+    total = sum(scrub_messages(request.messages, terms) for request in build.requests)
+    where = "a remote backend" if getattr(backend, "remote", False) else "the backend"
+    if note:
+        build.warnings.append(f"the text was de-identified before it was sent to {where}")
+    build.details["deid_replacements"] = build.details.get("deid_replacements", 0) + total
+    return terms
+
+
+def input_ref(path: Path) -> InputRef:
+    """A local input by its content hash; a ``dicomweb://`` reference (nothing local to hash) by its text's."""
+    from medlens.io.dicomweb import is_dicomweb, parse_ref
+
+    if is_dicomweb(path):
+        ref = str(parse_ref(path))
+        return InputRef(file=ref, sha256=hashlib.sha256(ref.encode()).hexdigest())
+    return InputRef(file=str(path), sha256=sha256_of(path))
 
 
 def _backend(model: str | Backend, engine: str, timer: Timer, reporter: Reporter, options: dict[str, Any]) -> Backend:
