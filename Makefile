@@ -108,6 +108,8 @@ bench: install
 	$(BIN)/python bench/eval_memory.py
 	$(BIN)/python bench/batching.py
 	$(BIN)/python bench/http_concurrency.py
+	$(BIN)/python bench/serve_load.py
+	$(BIN)/python bench/dicomweb_fetch.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) demo-output build *.egg-info src/*.egg-info
