@@ -359,3 +359,38 @@ def test_ask_server_with_a_key(cli, keyed_server, tmp_path, monkeypatch):
     code, out, err = cli(*args, "--task", "localize")
     assert code == 0, err
     assert [b["label"] for b in json.loads(out)["payload"]["boxes"]] == ["right lung", "left lung", "heart"]
+
+
+def test_ask_server_de_identifies_dicom_before_it_leaves_the_machine(cli, medlens_server, tmp_path, monkeypatch):
+    """A server on another machine (here: MEDLENS_TREAT_AS_REMOTE=1) gets the DICOM files de-identified
+    (PS3.15 Basic Profile), documents are refused with the way out, and --no-deid sends the files as they are."""
+    import pydicom
+
+    import medlens.client
+
+    study = ct_folder(tmp_path)
+    for file in study.iterdir():
+        ds = pydicom.dcmread(file)
+        ds.PatientName, ds.PatientID = "Quibbleston^Aurelio", "QX-77881234"
+        ds.save_as(file)
+    sent: list[list[str]] = []
+    analyze = medlens.client.Client.analyze
+
+    def recording(self, paths, *args, **kwargs):
+        sent.append([str(f) for p in paths for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*.dcm"))])
+        sent[-1] = [pydicom.dcmread(f, stop_before_pixels=True).PatientName for f in sent[-1]]
+        return analyze(self, paths, *args, **kwargs)
+
+    monkeypatch.setattr(medlens.client.Client, "analyze", recording)
+    monkeypatch.setenv("MEDLENS_TREAT_AS_REMOTE", "1")
+    code, _, err = cli("ask", "--server", medlens_server.url, study, "-Q", "Is there a nodule?")
+    assert code == 0, err
+    assert "de-identified the DICOM inputs" in err
+    assert sent[-1] and all("Quibbleston" not in str(name) for name in sent[-1])
+    code, _, err = cli("ask", "--server", medlens_server.url, study, "-Q", "Is there a nodule?", "--no-deid", "-q")
+    assert code == 0, err
+    assert all("Quibbleston" in str(name) for name in sent[-1])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Aurelio Quibbleston, MRN QX-77881234, has a cough.\n")
+    code, _, err = cli("ask", "--server", medlens_server.url, notes, "--task", "ehr-qa", "-Q", "Why the cough?")
+    assert code == 2 and "notes.txt" in err and "--no-deid" in err and err.count("\n") == 1, err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -269,6 +270,7 @@ def ask_server(
     """The envelope of ``task`` run by the ``medlens serve`` at ``url`` (no model is loaded here)."""
     import dataclasses
 
+    from medlens.backends.openai_backend import is_remote_url
     from medlens.client import Client
     from medlens.prep.slide_recipe import SlideOptions
 
@@ -293,8 +295,50 @@ def ask_server(
             shown.append(line)
             output.note([line])
 
-    with Client(url, api_key=read_api_key(api_key_file)) as client:
-        return client.analyze(inputs, task=task, question=question, on_event=None if output.quiet else stage, **options)
+    deid = options.get("deid")
+    with tempfile.TemporaryDirectory(prefix="medlens-upload-") as workdir:
+        if deid if deid is not None else is_remote_url(url):  # files leaving the machine are de-identified
+            inputs = leaving_the_machine(inputs, Path(workdir))
+            output.note([f"de-identified the DICOM inputs before sending them to {url} (--no-deid: as they are)"])
+        with Client(url, api_key=read_api_key(api_key_file)) as client:
+            events = None if output.quiet else stage
+            return client.analyze(inputs, task=task, question=question, on_event=events, **options)
+
+
+def leaving_the_machine(inputs: list[str], workdir: Path) -> list[str]:
+    """The inputs as they may go to a server on another machine: DICOM de-identified (PS3.15 Basic Profile,
+    one key for all inputs, so that their UIDs and pseudonyms agree), images as they are; documents (PDF,
+    FHIR, notes) and zips, which cannot be de-identified file by file here, are refused with the way out."""
+    import secrets
+
+    from medlens.errors import InputError
+    from medlens.io.deid import DeidOptions, deidentify
+    from medlens.io.dicomweb import is_dicomweb
+    from medlens.io.discover import discover, document_kind
+
+    options = DeidOptions(salt=secrets.token_bytes(32))
+    out: list[str] = []
+    for n, raw in enumerate(inputs):
+        path = Path(raw)
+        if is_dicomweb(raw) or not path.exists():
+            out.append(raw)
+            continue
+        if document_kind(path) or path.suffix.lower() == ".zip":
+            raise InputError(
+                "cannot be de-identified before it is sent to a server on another machine; de-identify it "
+                "yourself (medlens deid for DICOM), then pass --no-deid",
+                raw,
+            )
+        found = discover(path)
+        if found.tempdir is not None:
+            found.tempdir.cleanup()
+        if not found.dicom:
+            out.append(raw)  # images and NIfTI volumes: no header fields medlens sends
+            continue
+        target = workdir / f"input{n}"
+        deidentify(path, target, options)
+        out.append(str(target))
+    return out
 
 
 def read_api_key(path: Path | None) -> str | None:
