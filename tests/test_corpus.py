@@ -183,3 +183,53 @@ def test_native_fast_path_reads_what_pydicom_reads():
         assert np.array_equal(fast, reference) and fast.dtype == reference.dtype, path.name
         checked += 1
     assert checked >= 5
+
+
+def _compressed_decodable() -> list:
+    import pydicom
+
+    from medlens.io.dicom_pixels import UNCOMPRESSED
+
+    out = []
+    for param in CORPUS:
+        path = param.values[0]
+        try:
+            meta = pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta
+            syntax = str(meta.get("TransferSyntaxUID", ""))
+        except Exception:
+            continue
+        if syntax and syntax not in UNCOMPRESSED and pydicom_decodes(path):
+            out.append(path)
+    return out
+
+
+def test_pool_decodes_every_compressed_corpus_file_as_in_process():
+    """Decoded frames from the worker pool equal in-process decoding on every compressed corpus file that pydicom
+    decodes (the first 8 frames of each stack; typed refusals must be the same on both paths)."""
+    from medlens.io import open_input, worker_pool
+
+    files = _compressed_decodable()
+    assert len(files) >= 20
+    saved = worker_pool.settings()
+    start = time.perf_counter()
+
+    def frames(path: Path) -> object:
+        try:
+            stack = open_input(path)
+            return stack.load(range(min(8, len(stack))))
+        except InputError as exc:
+            return type(exc)
+
+    try:
+        pooled = {path: frames(path) for path in files}
+        worker_pool.configure(workers=0)
+        for path in files:
+            here = frames(path)
+            if isinstance(here, np.ndarray):
+                assert isinstance(pooled[path], np.ndarray), f"{path.name}: {pooled[path]}"
+                np.testing.assert_array_equal(pooled[path], here, err_msg=path.name)
+            else:
+                assert pooled[path] is here, path.name
+    finally:
+        worker_pool.configure(saved.workers, saved.memory_mb)
+    assert time.perf_counter() - start < 60

@@ -284,6 +284,46 @@ def test_fill_holes_equals_scipy():
     assert np.array_equal(fill_holes(np.ones((4, 4), bool)), np.ones((4, 4), bool))  # no background at all
 
 
+def test_opencv_edge_and_components_equal_scipy():
+    from scipy import ndimage
+
+    from medlens.prep.wsi import drop_small_components, inner_edge
+
+    rng = np.random.default_rng(11)
+    cross = ndimage.generate_binary_structure(2, 1)
+    for trial in range(40):
+        m = rng.random(tuple(rng.integers(1, 60, 2))) < rng.uniform(0.3, 0.95)
+        width = int(rng.integers(1, 6))
+        assert np.array_equal(inner_edge(m, width), m & ~ndimage.binary_erosion(m, cross, iterations=width)), trial
+        labels, n = ndimage.label(m)
+        minimum = float(rng.integers(1, 12))
+        keep = np.bincount(labels.ravel(), minlength=n + 1) >= minimum
+        keep[0] = False
+        assert np.array_equal(drop_small_components(m, minimum), keep[labels]), trial
+
+
+def test_components_beyond_16_bit_labels_fall_back_to_32_bit():
+    from medlens.prep.wsi import drop_small_components
+
+    speckle = np.zeros((600, 600), bool)
+    speckle[::2, ::2] = True  # 90,000 one-pixel components: more than 16-bit labels hold
+    speckle[300:340, 300:340] = True  # one big component (1,600 pixels with the dots inside it)
+    kept = drop_small_components(speckle, 2)
+    # the square and the 40 dots touching its bottom and right edges (rows/columns 340 are even)
+    assert kept[300:340, 300:340].all() and kept.sum() == 1600 + 40
+
+
+def test_banded_product_equals_the_dense_one():
+    from medlens.prep.wsi import _banded_product, _overlap_matrix
+
+    rng = np.random.default_rng(5)
+    mask = rng.random((300, 410)) < 0.6
+    for cell, pixel in ((64, 1.0), (100, 7.3), (1792, 8.0)):
+        wy, wx = _overlap_matrix(300 * 8 // cell, cell, 300, pixel), _overlap_matrix(410 * 8 // cell, cell, 410, pixel)
+        dense = wy @ mask.astype(np.float64) @ wx.T
+        np.testing.assert_allclose(_banded_product(wx, _banded_product(wy, mask).T).T, dense, rtol=1e-12, atol=1e-9)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_table_colour_stages_equal_the_per_pixel_way(seed):
     """S/V from the (max, max - min) table and the Otsu cut from pair counts equal the per-pixel float way."""

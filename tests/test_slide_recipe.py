@@ -275,7 +275,8 @@ def test_ask_about_a_slide_uses_the_recipe_layout(slides, tiny_backend):
 
 
 def _scipy_morphology(monkeypatch) -> None:
-    """Put the old, scipy-only morphology back into the recipe (the reference the fast path must equal)."""
+    """Put the old, scipy-only morphology and labelling back into the recipe (the reference the OpenCV path
+    must equal)."""
     from scipy import ndimage
 
     import medlens.prep.slide_recipe as recipe_mod
@@ -287,9 +288,20 @@ def _scipy_morphology(monkeypatch) -> None:
     def dilate(mask, structure):
         return ndimage.binary_dilation(mask, structure=structure)
 
+    def drop_small(mask, min_pixels):
+        labels, n = ndimage.label(mask)
+        keep = np.bincount(labels.ravel(), minlength=n + 1) >= max(min_pixels, 1.0)
+        keep[0] = False
+        return keep[labels]
+
+    def edge(mask, width):
+        return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(2, 1), iterations=width)
+
     monkeypatch.setattr(wsi_mod, "binary_erode", erode)
     monkeypatch.setattr(wsi_mod, "binary_dilate", dilate)
-    monkeypatch.setattr(recipe_mod, "binary_erode", erode)
+    monkeypatch.setattr(wsi_mod, "fill_holes", ndimage.binary_fill_holes)
+    monkeypatch.setattr(wsi_mod, "drop_small_components", drop_small)
+    monkeypatch.setattr(recipe_mod, "inner_edge", edge)
 
 
 @pytest.mark.parametrize("kind", ["svs", "tiff"])

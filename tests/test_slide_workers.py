@@ -39,6 +39,17 @@ def test_integer_shrink_is_an_area_mean_and_other_sizes_resize():
     assert resize_region(image, 4, 4) is image
 
 
+@pytest.mark.parametrize("shape", [(1792, 1792), (2, 2), (6, 10), (818, 10240)])
+def test_2x_shrink_equals_pil_reduce_bit_for_bit(shape):
+    """The OpenCV 2x path must give PIL's ``reduce(2)`` values exactly (the patches' pixels are the recipe's)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(shape[0])
+    for image in (rng.integers(0, 256, (*shape, 3), dtype=np.uint8), np.full((*shape, 3), 255, np.uint8)):
+        expected = np.asarray(Image.fromarray(image).reduce(2))
+        np.testing.assert_array_equal(resize_region(image, shape[1] // 2, shape[0] // 2), expected)
+
+
 def test_a_raising_tile_fails_its_region_and_the_worker_reopens():
     requests = _requests(6)
     bad = requests[2]

@@ -29,7 +29,10 @@ def read_identity(datasets: Iterable[Any], limit: int = 8) -> dict[str, str]:
             if key in found:
                 continue
             for keyword in keywords:
-                value = str(ds.get(keyword, "") or "").strip()
+                try:
+                    value = str(ds.get(keyword, "") or "").strip()
+                except (NotImplementedError, ValueError, KeyError, TypeError):  # a damaged element: as absent
+                    continue
                 if value:
                     found[key] = short_hash(value) if key in _HASHED else value.upper()
                     break

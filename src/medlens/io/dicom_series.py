@@ -11,7 +11,7 @@ import numpy as np
 from medlens.errors import InconsistentSeriesError, SeriesSelectionError
 from medlens.io import geometry
 from medlens.io.dicom_header import DicomInstance
-from medlens.io.dicom_pixels import FrameEntry, decode
+from medlens.io.dicom_pixels import FrameEntry, FrameReader
 from medlens.io.types import ImageStack, SliceRef
 from medlens.privacy import matches_uid, short_hash
 
@@ -197,11 +197,13 @@ def to_stack(cand: SeriesCandidate, source: str) -> ImageStack:
         for e, z in zip(entries, cand.z, strict=True)
     ]
     first = entries[0].instance
+    reader = FrameReader(entries, color)  # compressed frames decode in the worker pool, a window ahead
     return ImageStack(
         modality=cand.modality,
         source=source,
         slices=slices,
-        loader=lambda idx: decode([entries[i] for i in idx], color),
+        loader=reader.load,
+        prefetch=reader.prefetch,
         rows=cand.rows,
         columns=cand.columns,
         is_color=color,

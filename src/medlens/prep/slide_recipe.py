@@ -35,8 +35,8 @@ from medlens.prep.wsi import (
     WSI_PATCH_SIZE,
     PatchBox,
     base_magnification,
-    binary_erode,
     choose_magnification,
+    inner_edge,
     level_for,
     patch_grid,
     sample_patches,
@@ -243,10 +243,8 @@ def draw_overview(
     """The thumbnail with the tissue mask's outline in green and the chosen patches outlined (blue; red if
     unreadable)."""
     from PIL import Image, ImageDraw
-    from scipy import ndimage
 
-    cross = ndimage.generate_binary_structure(2, 1)  # scipy's default element
-    edge = mask & ~binary_erode(mask, cross, iterations=max(1, round(min(mask.shape) / 300)))
+    edge = inner_edge(mask, max(1, round(min(mask.shape) / 300)))
     picture = thumb.copy()
     picture[edge] = (0, 200, 0)
     # the outlines are drawn as colour indices on a one-band image (a third of the bytes of an RGB round trip

@@ -80,61 +80,85 @@ def _disk(radius: int) -> np.ndarray:
     return (xx * xx + yy * yy) <= r * r
 
 
-def _offsets(structure: np.ndarray) -> list[tuple[int, int]]:
-    """(dy, dx) of the true cells of an odd-sided 2-D structuring element, relative to its centre."""
-    cy, cx = structure.shape[0] // 2, structure.shape[1] // 2
-    return [(int(y) - cy, int(x) - cx) for y, x in zip(*np.nonzero(structure), strict=True)]
+def _u8(mask: np.ndarray) -> np.ndarray:
+    """A C-contiguous 0/1 uint8 view (or copy) of a boolean mask, as OpenCV takes it."""
+    return np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
 
 
 def binary_erode(mask: np.ndarray, structure: np.ndarray, iterations: int = 1) -> np.ndarray:
     """Binary erosion, equal to ``scipy.ndimage.binary_erosion(mask, structure, iterations)`` (outside the
-    image counts as background) for a symmetric odd-sided ``structure``, by in-place shifted ANDs: many
-    times faster than scipy's on a large thumbnail."""
-    out = np.asarray(mask, dtype=bool)
-    for _ in range(max(int(iterations), 0)):
-        out = _shift_combine(out, _offsets(structure), erode=True)
-    return out
+    image counts as background) for a symmetric odd-sided ``structure``. OpenCV's SIMD, multi-threaded
+    morphology: on the bench's 5120x3840 mask 3x faster than NumPy shifted ANDs and many times faster
+    than scipy (equality with scipy is tested)."""
+    import cv2  # imported here: reading a CT must not pay for it
+
+    if int(iterations) <= 0:
+        return np.array(mask, dtype=bool)
+    kernel = np.ascontiguousarray(structure, dtype=np.uint8)
+    out = cv2.erode(_u8(mask), kernel, iterations=int(iterations), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return out.view(bool)
 
 
 def binary_dilate(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     """Binary dilation, equal to ``scipy.ndimage.binary_dilation(mask, structure)`` for a symmetric odd-sided
-    ``structure`` (outside the image counts as background), by in-place shifted ORs."""
-    return _shift_combine(np.asarray(mask, dtype=bool), [(-dy, -dx) for dy, dx in _offsets(structure)], erode=False)
+    ``structure`` (outside the image counts as background), by OpenCV as :func:`binary_erode`."""
+    import cv2
 
-
-def _shift_combine(m: np.ndarray, offsets: list[tuple[int, int]], *, erode: bool) -> np.ndarray:
-    """``out[y, x]`` = AND (erode) or OR of ``m[y + dy, x + dx]`` over ``offsets``, outside pixels False."""
-    h, w = m.shape
-    out = np.ones_like(m) if erode else np.zeros_like(m)
-    for dy, dx in offsets:
-        ya, yb, xa, xb = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
-        if ya >= yb or xa >= xb:
-            if erode:
-                out[:] = False
-            continue
-        src = m[ya + dy : yb + dy, xa + dx : xb + dx]
-        if erode:
-            out[ya:yb, xa:xb] &= src
-            out[:ya], out[yb:], out[:, :xa], out[:, xb:] = False, False, False, False
-        else:
-            out[ya:yb, xa:xb] |= src
-    return out
+    kernel = np.ascontiguousarray(structure, dtype=np.uint8)
+    return cv2.dilate(_u8(mask), kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Equal to ``scipy.ndimage.binary_fill_holes(mask)`` (4-connected background): background components that
-    touch no border are filled, found with one ``ndimage.label`` of the background; 2-3x faster than scipy's
-    iterated dilation on a 5120x3840 mask (0.23-0.39 s against 0.49-0.73 s here)."""
-    from scipy import ndimage
+    """Equal to ``scipy.ndimage.binary_fill_holes(mask)`` (4-connected background): the background reachable
+    from outside the image is flood-filled (OpenCV, on a copy with a one-pixel background frame) and
+    everything else is tissue. On a 5120x3840 mask 0.02 s, against 0.08 s for labelling the background with
+    scipy and 0.49-0.73 s for scipy's own iterated dilation."""
+    import cv2
 
-    labels, n = ndimage.label(~mask)
-    if n == 0:
-        return mask.copy()
-    touches_border = np.zeros(n + 1, bool)
-    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        touches_border[edge] = True
-    touches_border[0] = True  # label 0 = the mask itself, kept by the OR below
-    return ~touches_border[labels] | mask
+    h, w = mask.shape
+    framed = np.zeros((h + 2, w + 2), np.uint8)
+    framed[1:-1, 1:-1] = _u8(mask)
+    flood = np.zeros((h + 4, w + 4), np.uint8)  # floodFill's mask: 2 pixels larger, nonzero = not fillable
+    cv2.floodFill(framed, flood, (0, 0), 2, flags=4)
+    return framed[1:-1, 1:-1] != 2
+
+
+def drop_small_components(mask: np.ndarray, min_pixels: float) -> np.ndarray:
+    """``mask`` without its 4-connected components of fewer than ``min_pixels`` pixels, by OpenCV's labelling.
+
+    Labels are 16-bit while fewer than 65,535 components exist (OpenCV raises beyond; then 32-bit), and the
+    areas come from ``cv2.calcHist``: on the bench's 5120x3840 mask 0.04-0.07 s, against 0.07-0.26 s for
+    32-bit labels + ``np.bincount`` (twice the memory written) and 0.06-0.12 s for ``scipy.ndimage.label``
+    alone. calcHist counts in float32, exact up to 2**24 per component; a larger one is far above any
+    ``min_pixels`` threshold, so the comparison is unchanged.
+    """
+    import cv2
+
+    try:
+        n, labels = cv2.connectedComponents(_u8(mask), connectivity=4, ltype=cv2.CV_16U)
+        areas = cv2.calcHist([labels], [0], None, [n], [0, n]).ravel()
+    except cv2.error:  # 65,535 components or more
+        n, labels = cv2.connectedComponents(_u8(mask), connectivity=4, ltype=cv2.CV_32S)
+        areas = np.bincount(labels.ravel(), minlength=n)
+    keep = areas >= max(min_pixels, 1.0)
+    keep[0] = False  # the background
+    if keep[1:].all():
+        return np.array(mask, dtype=bool)
+    return keep[labels]
+
+
+def inner_edge(mask: np.ndarray, width: int) -> np.ndarray:
+    """The mask's pixels within ``width`` steps (4-connected, L1 distance) of the background or the image border:
+    ``mask & ~binary_erosion(mask, cross, iterations=width)`` (equal, tested), from one OpenCV L1 distance
+    transform (8-bit, so ``width`` is capped at 254) instead of ``width`` erosions (0.05 s against 0.14 s for
+    13 steps on a 5120x3840 mask)."""
+    import cv2
+
+    framed = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.uint8)  # outside the image is background
+    framed[1:-1, 1:-1] = _u8(mask)
+    width = min(max(int(width), 0), 254)  # 8-bit distances saturate at 255
+    distance = cv2.distanceTransform(framed, cv2.DIST_L1, 3, dstType=cv2.CV_8U)[1:-1, 1:-1]
+    return np.asarray(mask, dtype=bool) & (distance <= width)
 
 
 def _rgb_to_sv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +217,7 @@ def tissue_mask(
        so that fills cannot bring a pen mark back, and connected components smaller than
        ``min_area_fraction`` of the thumbnail are dropped.
     """
-    from scipy import ndimage  # imported here: reading a CT must not pay for it
+    import cv2  # imported here: reading a CT must not pay for it
 
     img = np.asarray(thumbnail)
     if img.ndim != 3 or img.shape[-1] < 3:
@@ -210,11 +234,13 @@ def tissue_mask(
     high = np.empty(img.shape[:2], np.uint8)
     key = np.empty(img.shape[:2], np.uint16)
 
+    # OpenCV's SIMD channel split/max/min and histogram, 2x NumPy's (a band's counts < 2**24: exact in float32)
     def keys(rows: slice) -> np.ndarray:
-        r, g, b = img[rows, :, 0], img[rows, :, 1], img[rows, :, 2]
-        np.maximum(np.maximum(r, g), b, out=high[rows])
-        np.bitwise_or(high[rows].astype(np.uint16) << 8, high[rows] - np.minimum(np.minimum(r, g), b), out=key[rows])
-        return np.bincount(key[rows].ravel(), minlength=1 << 16)
+        r, g, b = cv2.split(np.ascontiguousarray(img[rows]))
+        top = cv2.max(cv2.max(r, g), b)
+        high[rows] = top
+        np.bitwise_or(top.astype(np.uint16) << 8, cv2.subtract(top, cv2.min(cv2.min(r, g), b)), out=key[rows])
+        return cv2.calcHist([key[rows]], [0], None, [1 << 16], [0, 1 << 16]).ravel().astype(np.int64)
 
     counts = np.sum(_by_bands(keys, img.shape[0]), axis=0)
     levels = np.arange(256, dtype=np.uint8)
@@ -248,12 +274,7 @@ def tissue_mask(
     m = fill_holes(m)
     if dark.any():
         m &= ~(binary_dilate(dark, _disk(dark_margin)) if dark_margin > 0 else dark)
-    labels, n = ndimage.label(m)
-    if n:
-        sizes = np.bincount(labels.ravel())
-        keep = sizes >= max(min_area_fraction * m.size, 1.0)
-        keep[0] = False
-        m = keep[labels]
+    m = drop_small_components(m, min_area_fraction * m.size)
     return m.astype(bool)
 
 
@@ -269,6 +290,20 @@ def _overlap_matrix(n_cells: int, cell: float, n_pixels: int, pixel: float) -> n
     lo = np.maximum(c0, p0)
     hi = np.minimum(c0 + cell, p0 + pixel)
     return np.clip(hi - lo, 0.0, None)
+
+
+def _banded_product(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``weights @ values`` for a weight matrix whose rows are nonzero on one contiguous run (a grid cell covers
+    a run of mask pixels): only that run of ``values`` is multiplied per row. On the bench's 5120x3840 mask
+    and 1792-pixel patches 2x faster than the dense product (which also converts the whole mask to float64);
+    equal up to float summation order (1e-15 relative)."""
+    out = np.zeros((weights.shape[0], values.shape[1]))
+    for i, row in enumerate(weights):
+        nonzero = np.flatnonzero(row)
+        if nonzero.size:
+            lo, hi = nonzero[0], nonzero[-1] + 1
+            out[i] = row[lo:hi] @ values[lo:hi]
+    return out
 
 
 def patch_grid(
@@ -305,7 +340,7 @@ def patch_grid(
         return []
     wy = _overlap_matrix(n_rows, size0, m.shape[0], mask_scale)
     wx = _overlap_matrix(n_cols, size0, m.shape[1], mask_scale)
-    covered = wy @ m.astype(np.float64) @ wx.T  # level-0 area of tissue in each patch
+    covered = _banded_product(wx, _banded_product(wy, m).T).T  # level-0 area of tissue in each patch
     fraction = np.clip(covered / float(size0 * size0), 0.0, 1.0)
     eps = 1e-9  # float noise from the products must not flip an exact threshold
     out: list[PatchBox] = []
