@@ -336,17 +336,24 @@ def test_ask_accepts_dicomweb(ct_study, config, monkeypatch, cli):
     assert json.loads(out)["n_images"] == SAMPLED
 
 
-def test_whole_slide_study_is_refused_with_the_reason(config, orthanc, tmp_path):  # noqa: F811
+def test_whole_slide_series_goes_to_the_slide_reader(config, orthanc, tmp_path):  # noqa: F811
+    """An SM series is not read as an image stack: the stack reader names the way (the slide recipe), the
+    slide finder takes it, and an SM series without a pyramid is a typed error (tests/test_dicomweb_slide.py
+    reads a real one)."""
     import pydicom
 
-    from medlens.errors import UnsupportedInputError
+    from medlens.errors import CorruptFileError, UnsupportedInputError
+    from medlens.io.slide import find_slide
+    from medlens.prep import prepare_study
 
     files = write_series(tmp_path / "sm", [np.zeros((16, 16), np.uint16)], modality="SM")
     orthanc.upload(files)
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-    with pytest.raises(UnsupportedInputError, match="whole-slide images are not read from DICOMweb"):
+    with pytest.raises(UnsupportedInputError, match="is a whole slide, read by the slide recipe"):
         dicomweb.read_dicomweb(f"dicomweb://orthanc/{study}")
-    assert any("whole-slide image" in line for line in dicomweb.describe_dicomweb(f"dicomweb://orthanc/{study}"))
+    assert find_slide(f"dicomweb://orthanc/{study}") is not None
+    with pytest.raises(CorruptFileError, match=r"wsidicom cannot open it.*No level instances"):
+        prepare_study(f"dicomweb://orthanc/{study}")
 
 
 def test_persistent_cache_is_reused(ct_study, orthanc, tmp_path, monkeypatch):  # noqa: F811

@@ -285,3 +285,38 @@ def test_ask_writes_the_sr_and_the_fhir_bundle(ct: Path, cxr: Path, tmp_path: Pa
     code, _, err = cli("ask", png, "-Q", QUESTION, "--model", "test-tiny", "--sr-out", tmp_path / "x.dcm", "-q")
     assert code == 2 and "cxr.png" in err and err.count("\n") == 1, err
     assert not (tmp_path / "x.dcm").exists()
+
+
+def test_sr_references_only_the_slices_sent(tmp_path: Path):
+    """A 100-slice CT: medgemma-1.5 sends 85 slices; the SR's source images and evidence are those 85
+    (``details.instances_sent``, hashed, as tasks/study.py records them), and it still validates."""
+    from medlens.prep import prepare_study
+    from medlens.privacy import short_hash
+    from medlens.results.sr import SENT_KEY
+
+    ct100 = tmp_path / "ct100"
+    rng = np.random.default_rng(5)
+    write_series(ct100, [rng.integers(0, 2000, (16, 16), dtype=np.uint16) for _ in range(100)])
+    prepared = prepare_study(ct100)
+    sent = {s.sop_instance_uid for s in prepared.slices}
+    assert len(sent) == 85
+    envelope = _qa(ct100, "Final Answer: no")
+    envelope["details"][SENT_KEY] = [{"sop": short_hash(s.sop_instance_uid), "frame": s.frame} for s in prepared.slices]
+    path = write_sr(tmp_path / "sent.dcm", envelope, [ct100], question=QUESTION)
+    sr = hd.sr.srread(path)
+    referenced = {ref.referenced_sop_instance_uid for ref in _answer_group(sr).source_images}
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert referenced == evidence == sent
+    if shutil.which("dciodvfy"):
+        run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=30)
+        assert not [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
+    if shutil.which("dsrdump"):
+        assert subprocess.run(["dsrdump", str(path)], capture_output=True, timeout=30).returncode == 0
+    envelope["details"][SENT_KEY].append({"sop": "0000000000", "frame": None})
+    with pytest.raises(DicomSourcesNeededError, match="1 of the 86 instances sent to the model"):
+        build_sr(envelope, [ct100], question=QUESTION)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import os
 import tempfile
 import threading
@@ -36,12 +37,13 @@ from medlens.io.dicomweb_config import (
 from medlens.io.types import ImageStack
 from medlens.privacy import matches_uid, short_hash
 from medlens.progress import Update as Progress
+from medlens.registry import Registry
 
 SCHEME = "dicomweb:"
 #: pixel data elements: their presence in the metadata says the instance has pixels; never fetched as bulk data
 _PIXEL_KEYS = ("7FE00010", "7FE00008", "7FE00009")
 #: QIDO-RS attribute tags (DICOM JSON keys)
-#: VL Whole Slide Microscopy: read by io/slide.py from files, not from DICOMweb
+#: VL Whole Slide Microscopy: read through wsidicom's DICOMweb source (io/dicomweb_slide.py), not here
 WSI_MODALITY = "SM"
 _SERIES_UID, _MODALITY, _COUNT, _DESCRIPTION, _NUMBER = "0020000E", "00080060", "00201209", "0008103E", "00200011"
 
@@ -279,9 +281,10 @@ def candidates(
     listed = [s for s in listed if s.modality not in NON_IMAGE_MODALITIES] or listed
     slides = [s for s in listed if s.modality == WSI_MODALITY]
     listed = [s for s in listed if s.modality != WSI_MODALITY]
-    if slides and not listed and not slides_ok:
+    if slides and not listed and not slides_ok:  # a slide named by --series in a study with other series
         raise UnsupportedInputError(
-            "whole-slide images are not read from DICOMweb yet; retrieve the series to a folder and give that",
+            f"series {short_hash(slides[0].uid)} is a whole slide, read by the slide recipe: give it in the "
+            f"reference, dicomweb://{ref.server}/STUDY_UID/SERIES_UID",
             str(ref),
         )
     instances = [inst for s in listed for inst in series_instances(client, server, ref, s.uid, skipped)]
@@ -505,6 +508,12 @@ class Fetcher:
 # ---------------------------------------------------------------- inspect and STOW-RS
 
 
+#: modality -> "module:function(ref, series_uid) -> lines" for series not read as image stacks (module:attr,
+#: imported when used: io/dicomweb_slide.py builds on this module)
+SERIES_DESCRIBERS: Registry[str] = Registry("DICOMweb series describer")
+SERIES_DESCRIBERS.add(WSI_MODALITY, "medlens.io.dicomweb_slide:describe_remote_slide")
+
+
 def describe_dicomweb(source: str | Path) -> list[str]:
     """``medlens inspect`` of a DICOMweb study: every series as QIDO-RS lists it, and for image series the
     same summary the local reader prints, built from metadata."""
@@ -516,9 +525,11 @@ def describe_dicomweb(source: str | Path) -> list[str]:
     lines = [f"{c.summary()}  [{'ok' if not c.problems else 'not usable: ' + c.problems[0]}]" for c in cands]
     built = {c.uid for c in cands}
     for s in search_series(client, server, ref):
-        if s.uid not in built:
-            what = "whole-slide image, not read from DICOMweb" if s.modality == WSI_MODALITY else "not an image series"
-            lines.append(f"{short_hash(s.uid)} {s.modality} {s.count or '?'} instance(s)  [{what}]")
+        if s.modality in SERIES_DESCRIBERS:
+            module, attr = SERIES_DESCRIBERS.get(s.modality).split(":")
+            lines += getattr(importlib.import_module(module), attr)(ref, s.uid)
+        elif s.uid not in built:
+            lines.append(f"{short_hash(s.uid)} {s.modality} {s.count or '?'} instance(s)  [not an image series]")
     return lines
 
 

@@ -35,6 +35,9 @@ AUTH_KINDS = ("none", "basic", "bearer")
 class DicomwebError(InputError):
     """A DICOMweb input cannot be read: bad reference or config, server down, refused or answering garbage."""
 
+    #: raised while reading a slide's tiles, it fails the whole read, not one patch (io/slide_workers)
+    fatal = True
+
 
 class DicomwebConfigError(DicomwebError):
     """The DICOMweb configuration file is missing, unreadable or wrong."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medlens.errors import CorruptFileError, MedlensError, NotFoundError, UnsupportedInputError
+from medlens.io.dicomweb import is_dicomweb
 from medlens.registry import Registry
 
 if TYPE_CHECKING:
@@ -284,11 +285,18 @@ class DicomSlide(Slide):
     def __init__(self, path: str, files: list[Path] | None = None):
         from wsidicom import WsiDicom
 
+        self._attach(path, lambda: WsiDicom.open(files if files else path))
+
+    def _attach(self, path: str, open_wsi: Callable[[], Any]) -> None:
+        """Open the pyramid with ``open_wsi`` (files here, a DICOMweb source in io/dicomweb_slide.py) and read
+        its geometry; any library error is a :class:`CorruptFileError` naming ``path``."""
         try:
-            self._wsi = WsiDicom.open(files if files else path)
+            self._wsi = open_wsi()
             pyramid = self._wsi.levels
             self._pyramid_levels = [lv.level for lv in pyramid.levels]
             levels = [SlideLevel(lv.size.width, lv.size.height, float(2**lv.level)) for lv in pyramid.levels]
+        except MedlensError:  # a DICOMweb server that failed: its own typed error
+            raise
         except Exception as exc:
             raise CorruptFileError(f"wsidicom cannot open it ({type(exc).__name__}: {exc})", path) from None
         try:
@@ -328,14 +336,26 @@ SLIDE_BACKENDS.add("tiffslide", TiffSlideSlide)
 SLIDE_BACKENDS.add("wsidicom", DicomSlide)
 
 
+#: scheme -> "module:function(reference) -> SlideSpec | None" finding a slide on a server (module:attr, imported
+#: when used: io/dicomweb_slide.py builds on this module)
+REMOTE_SLIDE_FINDERS: Registry[str] = Registry("remote slide source")
+REMOTE_SLIDE_FINDERS.add("dicomweb", "medlens.io.dicomweb_slide:find_remote_slide")
+
+
+def resolve(target: str) -> Any:
+    """The object a ``"module:attr"`` registry entry names."""
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def _is_wsi_dicom(path: Path) -> bool:
     import pydicom
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-    except Exception:  # not DICOM: not a DICOM slide
+        return str(ds.get("SOPClassUID", "")) == WSI_SOP_CLASS
+    except Exception:  # not DICOM, or a damaged SOP Class UID: not a DICOM slide
         return False
-    return str(ds.get("SOPClassUID", "")) == WSI_SOP_CLASS
 
 
 def wsi_dicom_files(paths: list[Path]) -> list[Path]:
@@ -416,9 +436,12 @@ class SlideSpec:
 
 def find_slide(path: str | Path, found: Found | None = None) -> SlideSpec | None:
     """A :class:`SlideSpec` when ``path`` is a whole-slide image (an OpenSlide-format file, a DICOM WSI file,
-    or a folder/zip holding one slide), else ``None`` (an ordinary study). ``found``: the folder's or zip's
+    a folder/zip holding one slide, or a ``dicomweb://`` study or series of one), else ``None`` (an ordinary
+    study). ``found``: the folder's or zip's
     files when already discovered."""
     p = Path(path)
+    if found is None and is_dicomweb(path) and not p.exists():  # a study on a configured DICOMweb server
+        return resolve(REMOTE_SLIDE_FINDERS.get("dicomweb"))(str(path))
     if found is None:
         if not p.is_file() or p.name.lower().endswith(".zip"):
             return None

@@ -104,6 +104,31 @@ def _series_sources(envelope: Mapping[str, Any], sources: Sequence[Dataset]) -> 
     return chosen
 
 
+#: envelope ``details`` key: the images sent to the model, prompt order, ``{"sop": short hash, "frame": 0-based or
+#: None}`` each (tasks/study.py's ``study_details``); without it, every instance of the series is a source
+SENT_KEY = "instances_sent"
+
+
+def _sent_images(envelope: Mapping[str, Any], series: Sequence[Dataset]) -> list[tuple[Dataset, list[int] | None]]:
+    """The instances the model saw (with their 1-based frames when multi-frame), in series order; the whole
+    series when the envelope does not say."""
+    sent = (envelope.get("details") or {}).get(SENT_KEY)
+    if not sent:
+        return [(ds, None) for ds in series]
+    frames: dict[str, set[int]] = {}
+    for item in sent:
+        frame = item.get("frame")
+        frames.setdefault(str(item.get("sop")), set()).update({int(frame) + 1} if frame is not None else set())
+    by_hash = {short_hash(str(ds.SOPInstanceUID)): ds for ds in series}
+    missing = [tag for tag in frames if tag not in by_hash]
+    if missing:
+        raise DicomSourcesNeededError(
+            f"{len(missing)} of the {len(frames)} instances sent to the model are not among the given DICOM instances"
+        )
+    chosen = [ds for tag, ds in by_hash.items() if tag in frames]
+    return [(ds, sorted(frames[short_hash(str(ds.SOPInstanceUID))]) or None) for ds in chosen]
+
+
 def _boxed_image(envelope: Mapping[str, Any], sources: Sequence[Dataset]) -> tuple[Dataset, int | None]:
     """The source instance (and 0-based frame) the localize boxes are on."""
     ref = (envelope.get("details") or {}).get("image_ref") or {}
@@ -190,7 +215,9 @@ def _yes_no(envelope: Mapping[str, Any]) -> str | None:
     return final if final in YES_NO_CODES else None
 
 
-def _answer_group(envelope: Mapping[str, Any], question: str | None, images: Sequence[Dataset]) -> Any:
+def _answer_group(
+    envelope: Mapping[str, Any], question: str | None, images: Sequence[tuple[Dataset, list[int] | None]]
+) -> Any:
     """TID 1501 image-level group: question, answer, disclaimer (TEXT), a yes/no conclusion (CODE)."""
     from highdicom import UID
     from highdicom.sr import (
@@ -206,7 +233,10 @@ def _answer_group(envelope: Mapping[str, Any], question: str | None, images: Seq
         tracking_identifier=TrackingIdentifier(uid=UID(), identifier=ANSWER_TRACKING_ID),
         algorithm_id=_algorithm(envelope),
         qualitative_evaluations=evaluations,
-        source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in images],
+        source_images=[
+            SourceImageForMeasurementGroup.from_source_image(ds, referenced_frame_numbers=frames)
+            for ds, frames in images
+        ],
     )
     answer = str(envelope.get("final_answer") if envelope.get("task") == "localize" else "") or str(
         envelope.get("answer") or ""
@@ -286,14 +316,15 @@ def build_sr(
         uid=UID(), name="medlens", manufacturer_name="medlens", model_name=model[:64]
     )
     context = ObservationContext(observer_device_context=ObserverContext(codes.DCM.Device, device))
-    groups = [_answer_group(envelope, question, series)]
+    sent = [(ds, None) for ds in series] if slide else _sent_images(envelope, series)
+    groups = [_answer_group(envelope, question, sent)]
     groups += _patch_groups(envelope, series[0]) if slide else _box_groups(envelope, series)
     report = MeasurementReport(
         observation_context=context, procedure_reported=_code(PROCEDURE_CODE), imaging_measurements=groups
     )
     try:
         sr = Comprehensive3DSR(
-            evidence=series,
+            evidence=[ds for ds, _ in sent],
             content=report[0],
             series_instance_uid=UID(),
             series_number=series_number,

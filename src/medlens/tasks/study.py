@@ -33,13 +33,18 @@ def study_build(
 
 
 def study_details(prepared: Prepared) -> dict[str, Any]:
-    """Envelope details of a prepared study: modality, series tag (never the UID), slice counts."""
+    """Envelope details of a prepared study: modality, series tag (never the UID), slice counts, and the hashed
+    SOP Instance UIDs (with frames) of the images sent, which a DICOM SR of the answer references."""
     details = {
         "modality": prepared.modality,
         "family": prepared.family,
         "series": short_hash(prepared.series_uid) if prepared.series_uid else None,
         "n_source_slices": prepared.n_source_slices,
     }
+    if prepared.family != "wsi":  # hashed, never the UIDs: the SR references exactly the images the model saw
+        details["instances_sent"] = [
+            {"sop": short_hash(s.sop_instance_uid), "frame": s.frame} for s in prepared.slices if s.sop_instance_uid
+        ]
     if prepared.family == "wsi":
         meta = prepared.meta
         details |= {
