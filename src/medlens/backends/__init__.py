@@ -30,13 +30,37 @@ def load_backend(model: str, engine: str = "transformers", **options: Any) -> Ba
     ``options`` go to the engine (``device``, ``dtype`` for transformers; ``base_url``, ``api_key``,
     ``timeout`` for openai); one the engine does not take is an error naming those it does.
     """
-    import importlib
-
     engine, model, options = parse_model_spec(model, engine, options)
-    module_name, _, attr = ENGINES.get(engine).partition(":")
-    factory: BackendFactory = getattr(importlib.import_module(module_name), attr)
+    factory = _factory(engine)
     check_engine_options(engine, factory, options)
     return factory(model, **options)
+
+
+def check_backend_options(model: str, engine: str = "transformers", **options: Any) -> None:
+    """Refuse, without loading anything, options :func:`load_backend` would refuse (an unknown key,
+    ``adapter`` for an engine that cannot load one)."""
+    engine, model, options = parse_model_spec(model, engine, options)
+    check_engine_options(engine, _factory(engine), options)
+
+
+def _factory(engine: str) -> BackendFactory:
+    import importlib
+
+    module_name, _, attr = ENGINES.get(engine).partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+#: how to use an adapter with an engine that cannot load one itself (``--adapter`` is refused there)
+ADAPTER_HINTS: dict[str, str] = {
+    "openai": "the server holds the weights: load the adapter there (vLLM: `vllm serve BASE --enable-lora "
+    "--lora-modules NAME=DIR`, then --model openai:NAME@URL), or use --engine transformers or vllm",
+    "llamacpp": "llama.cpp reads LoRA as GGUF: merge the adapter into the base (medlens finetune merge) and "
+    "convert that folder to GGUF, or use --engine transformers or vllm",
+}
+
+
+class AdapterNotSupportedError(MedlensError):
+    """``adapter=`` given to an engine that cannot put an adapter on its model."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +73,8 @@ class BackendIdentity:
     default_max_new_tokens: int
     is_test_model: bool
     model_warning: str | None
+    #: ``{"name", "sha256"}`` of the PEFT adapter on the weights (None: the base model alone)
+    adapter: dict[str, str] | None = None
 
 
 #: engines whose revision is the fingerprint of the local weights folder (see :func:`identify_backend`)
@@ -59,18 +85,28 @@ def identify_backend(model: str, engine: str = "transformers", **options: Any) -
     """The identity :func:`load_backend` would give ``model``, without importing torch or loading weights;
     None for engines that only know it once loaded (callers then load the backend)."""
     from medlens.models import GENERATE, model_fingerprint, resolve_model
+    from medlens.models.adapter import read_adapter
+    from medlens.models.quantization import quantized_revision
 
     engine, model, options = parse_model_spec(model, engine, options)
     if engine not in _FOLDER_FINGERPRINT_ENGINES:
         return None
     source = resolve_model(model, GENERATE)
+    revision = model_fingerprint(source.path)
+    adapter = None
+    if options.get("adapter") is not None:
+        info = read_adapter(options["adapter"])
+        info.check_base(model, revision)
+        revision, adapter = info.fingerprint(revision), info.identity()
+    revision = quantized_revision(revision, options.get("quantization"))
     return BackendIdentity(
         engine=engine,
         model_name=model,
-        revision=model_fingerprint(source.path),
+        revision=revision,
         default_max_new_tokens=source.default_max_new_tokens,
         is_test_model=source.is_test_model,
         model_warning=source.warning,
+        adapter=adapter,
     )
 
 
@@ -80,6 +116,9 @@ def check_engine_options(engine: str, factory: BackendFactory, options: dict[str
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
     known = [name for name in parameters if name != "model"]
+    if "adapter" in options and "adapter" not in known:
+        hint = ADAPTER_HINTS.get(engine, "use --engine transformers or vllm")
+        raise AdapterNotSupportedError(f"engine {engine} cannot load --adapter {options['adapter']}: {hint}")
     for key in options:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -108,12 +147,15 @@ def parse_model_spec(spec: str, engine: str, options: dict[str, Any]) -> tuple[s
 
 
 __all__ = [
+    "ADAPTER_HINTS",
     "ENGINES",
+    "AdapterNotSupportedError",
     "Backend",
     "BackendIdentity",
     "GenerationOutput",
     "GenerationRequest",
     "Messages",
+    "check_backend_options",
     "engine_options",
     "identify_backend",
     "load_backend",

@@ -6,9 +6,13 @@ import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from medlens.chat import Messages
 from medlens.errors import MedlensError
+
+if TYPE_CHECKING:
+    from medlens.models.adapter import AdapterInfo
 
 ProgressCallback = Callable[[int], None]
 """Called with the number of requests just finished."""
@@ -112,6 +116,8 @@ class Backend(ABC):
     #: True when requests leave this machine (a server that is not on a loopback address): medlens then
     #: de-identifies the text it sends (``TaskOptions.deid`` None means: follow this)
     remote: bool = False
+    #: the PEFT adapter on the weights (engines that take ``adapter=``); its hash is part of ``fingerprint``
+    adapter: AdapterInfo | None = None
 
     @property
     def revision(self) -> str:

@@ -41,7 +41,9 @@ from medlens.backends.rendering import (
 )
 from medlens.errors import MedlensError
 from medlens.models import GENERATE, ModelSource, model_fingerprint, resolve_model, select_device, select_dtype
+from medlens.models.adapter import attach_adapter, read_adapter
 from medlens.models.hf import import_torch_transformers, loader_errors, progress_bars
+from medlens.models.quantization import quantization_config, quantized_revision
 from medlens.models.resolve import DOWNLOAD_HINTS
 
 #: a shared prefix shorter than this is not worth a separate prefill
@@ -71,6 +73,11 @@ class TransformersBackend(Backend):
     - ``tie_margin``: a batched greedy answer is recomputed on its own when, at some step it kept, its two
       best logits came closer than this fraction of the largest logit's magnitude (where padding's rounding
       could have changed the choice); default 1e-4 in float32, 1e-2 in bfloat16/float16; 0 never recomputes.
+    - ``adapter``: a PEFT adapter folder (LoRA ...; ``medlens finetune`` writes one) put on the model with peft;
+      every generate path (shared prefixes, batches) then runs through it, and the backend's ``fingerprint``
+      names base and adapter (:mod:`medlens.models.adapter`).
+    - ``quantization``: ``4bit`` (NF4, QLoRA's base) or ``8bit`` with bitsandbytes, CUDA only; part of the
+      fingerprint (:mod:`medlens.models.quantization`).
 
     Generation always uses transformers' dynamic (sliding-window aware) cache, whatever the model's
     ``generation_config`` asks for, so that a shared prefix's cache can be copied into every request.
@@ -88,11 +95,14 @@ class TransformersBackend(Backend):
         attn_implementation: str | None = None,
         batch_size: int = 8,
         tie_margin: float | None = None,
+        adapter: str | None = None,
+        quantization: str | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise MedlensError(f"batch_size must be a whole number of at least 1, not {batch_size!r}")
         if tie_margin is not None and (isinstance(tie_margin, bool) or not 0 <= tie_margin <= 1):
             raise MedlensError(f"tie_margin must be a number from 0 to 1, not {tie_margin!r}")
+        adapter_info = read_adapter(adapter) if adapter is not None else None  # a bad folder fails before loading
         torch, transformers = import_torch_transformers()
         self._torch = torch
         self.model_name = model
@@ -109,6 +119,8 @@ class TransformersBackend(Backend):
         self._load_options: dict[str, Any] = {"dtype": self.dtype, "device_map": self.device, "local_files_only": True}
         if attn_implementation:
             self._load_options["attn_implementation"] = attn_implementation
+        if quantization is not None:
+            self._load_options["quantization_config"] = quantization_config(quantization, self.device, self.dtype)
         with progress_bars(progress):
             source = resolve_model(model, GENERATE)
             self.model_path = str(source.path)
@@ -120,7 +132,15 @@ class TransformersBackend(Backend):
             else:
                 self.processor, self.model = self._load(transformers)
                 self.tokenizer = self.processor.tokenizer
-        self.fingerprint = model_fingerprint(source.path)
+        #: the base weights' fingerprint (``fingerprint`` adds the adapter's hash when one is loaded)
+        self.base_fingerprint = model_fingerprint(source.path)
+        self.fingerprint = self.base_fingerprint
+        if adapter_info is not None:
+            adapter_info.check_base(model, self.base_fingerprint)
+            self.model = attach_adapter(self.model, adapter_info)
+            self.adapter = adapter_info
+            self.fingerprint = adapter_info.fingerprint(self.base_fingerprint)
+        self.fingerprint = quantized_revision(self.fingerprint, quantization)
         self.is_test_model = source.is_test_model
         self.default_max_new_tokens = source.default_max_new_tokens
         self.model_warning = source.warning

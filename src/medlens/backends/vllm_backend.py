@@ -9,6 +9,9 @@ that needs more rebuilds it. Pan-and-scan is off (MedGemma was not trained with 
 docs/engines.md: Gemma 3's bidirectional image attention is approximated by some vLLM V1 versions, and
 some versions regressed on Gemma 3, so a version outside :data:`TESTED_VERSIONS` gets a warning.
 
+A PEFT LoRA adapter (``adapter=DIR``) goes through vLLM's LoRA support: the engine is built with
+``enable_lora`` and a ``max_lora_rank`` from the adapter's rank, and every request carries one ``LoRARequest``.
+
 vllm is imported when a backend is made (``pip install 'medlens[vllm]'``, on a CUDA machine).
 """
 
@@ -29,6 +32,7 @@ from medlens.backends.base import (
 from medlens.backends.rendering import END_TOKENS, clean_completion, image_parts, render_prompt, to_pil
 from medlens.errors import BackendUnavailableError, MedlensError
 from medlens.models import GENERATE, ModelSource, model_fingerprint, resolve_model
+from medlens.models.adapter import AdapterError, AdapterInfo, read_adapter
 from medlens.models.device import check_device_name, check_dtype_name
 from medlens.models.hf import progress_bars
 
@@ -37,6 +41,18 @@ from medlens.models.hf import progress_bars
 TESTED_VERSIONS = ((0, 11, 1), (0, 34, 0))
 #: rounding of a derived ``max_model_len`` (so that slightly longer prompts later fit without a rebuild)
 _LENGTH_STEP = 1024
+#: the values vLLM's ``max_lora_rank`` takes (vllm.config.lora.MaxLoRARanks); an adapter's rank is rounded up
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_limit(rank: int | None) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds an adapter of ``rank`` (16 when unknown)."""
+    if rank is None:
+        return 16
+    for limit in LORA_RANKS:
+        if rank <= limit:
+            return limit
+    raise MedlensError(f"a LoRA rank of {rank} is more than vLLM's largest max_lora_rank ({LORA_RANKS[-1]})")
 
 
 def _import_vllm() -> Any:
@@ -69,7 +85,8 @@ class VLLMBackend(Backend):
     shown; choose them with ``CUDA_VISIBLE_DEVICES``), ``dtype`` (auto, bfloat16, float16, float32),
     ``max_model_len`` and ``max_images`` (fixed engine limits instead of derived ones),
     ``gpu_memory_utilization`` (0.9), ``tensor_parallel_size`` (1), ``enable_prefix_caching`` (True),
-    ``enforce_eager`` (False: CUDA graphs on), ``seed`` (0).
+    ``enforce_eager`` (False: CUDA graphs on), ``seed`` (0), ``adapter`` (a PEFT LoRA folder, served through
+    vLLM's LoRA support; its hash is part of ``fingerprint``).
     """
 
     engine = "vllm"
@@ -87,17 +104,24 @@ class VLLMBackend(Backend):
         enable_prefix_caching: bool = True,
         enforce_eager: bool = False,
         seed: int = 0,
+        adapter: str | None = None,
     ) -> None:
         if check_device_name(device) not in ("auto", "cuda"):
             raise MedlensError(
                 f"the vllm engine runs on the GPUs it is shown: use --device auto or cuda and choose GPUs with "
                 f"CUDA_VISIBLE_DEVICES (not --device {device})"
             )
+        adapter_info = read_adapter(adapter) if adapter is not None else None
         self._vllm = _import_vllm()
         self.model_name = model
         self.source = resolve_model(model, GENERATE)
         self.model_path = str(self.source.path)
-        self.fingerprint = model_fingerprint(self.source.path)
+        self.base_fingerprint = model_fingerprint(self.source.path)
+        self.fingerprint = self.base_fingerprint
+        if adapter_info is not None:
+            adapter_info.check_base(model, self.base_fingerprint)
+            self.adapter = adapter_info
+            self.fingerprint = adapter_info.fingerprint(self.base_fingerprint)
         self.is_test_model = self.source.is_test_model
         self.default_max_new_tokens = self.source.default_max_new_tokens
         version = str(getattr(self._vllm, "__version__", "0"))
@@ -156,6 +180,8 @@ class VLLMBackend(Backend):
             model, tokenizer = str(self.source.gguf_file), str(self.source.tokenizer_dir or self.source.path)
         else:
             model, tokenizer = self.model_path, self.model_path
+        if self.adapter is not None:
+            options.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_limit(self.adapter.rank))
         if self.processor is not None:
             options["limit_mm_per_prompt"] = {"image": want_images}
             options["mm_processor_kwargs"] = {"do_pan_and_scan": False}
@@ -186,7 +212,10 @@ class VLLMBackend(Backend):
         self._ensure_engine(most_images, max(n + cap for n, cap in zip(lengths, caps, strict=True)))
         params = [self._sampling(request, cap) for request, cap in zip(requests, caps, strict=True)]
         prepared = time.perf_counter()
-        results = self._llm.generate(prompts, params, use_tqdm=False)
+        if self.adapter is None:
+            results = self._llm.generate(prompts, params, use_tqdm=False)
+        else:
+            results = self._generate_with_adapter(prompts, params, self.adapter)
         seconds = (time.perf_counter() - prepared) / len(requests)
         outputs = []
         for result, cap in zip(results, caps, strict=True):
@@ -208,6 +237,19 @@ class VLLMBackend(Backend):
 
     def generate_one(self, request: GenerationRequest) -> GenerationOutput:
         return self.generate([request])[0]
+
+    def _generate_with_adapter(self, prompts: list[dict[str, Any]], params: list[Any], adapter: AdapterInfo) -> Any:
+        """``LLM.generate`` with the adapter's ``LoRARequest``; vLLM loads it at the first request and refuses
+        one whose modules or shapes the model lacks (a ValueError), which becomes an :class:`AdapterError`."""
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(adapter.name, 1, str(adapter.path))
+        try:
+            return self._llm.generate(prompts, params, use_tqdm=False, lora_request=request)
+        except ValueError as exc:
+            raise AdapterError(
+                f"vLLM cannot load the adapter: {' '.join(str(exc).split())[:300]}", str(adapter.path)
+            ) from None
 
     def _sampling(self, request: GenerationRequest, cap: int) -> Any:
         options: dict[str, Any] = {"max_tokens": cap, "stop_token_ids": self._stop_ids, "skip_special_tokens": False}

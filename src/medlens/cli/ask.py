@@ -120,6 +120,14 @@ def ask(
             "notes and headers). Default: on for a remote engine (a server not on this machine), off for local ones.",
         ),
     ] = None,
+    allow_burned_in: Annotated[
+        bool,
+        typer.Option(
+            "--allow-burned-in",
+            help="Send images that may carry burned-in text (PDF pages; DICOM with BurnedInAnnotation YES, or "
+            "unknown for US/SC/XA/ES) to a remote engine or server anyway (refused by default; a warning says so).",
+        ),
+    ] = False,
     fmt: Annotated[str, typer.Option("--format", help="json, or a task's own format (csv for lab-extract).")] = "json",
     html: Annotated[
         Path | None, typer.Option("--html", help="Also write a one-page HTML view: images, answer, boxes, warnings.")
@@ -176,9 +184,12 @@ def ask(
     """Run a task on your files with MedGemma; prints the result envelope as JSON (or --format)."""
     from medlens.api import ask as ask_api
     from medlens.tasks import get_task
+    from medlens.tasks.runner import ALLOW_BURNED_IN
 
     chosen = get_task(task)
     settings = task_settings(chosen, task_values)
+    if allow_burned_in:
+        settings["extra"] = {**settings.get("extra", {}), ALLOW_BURNED_IN: True}
     use_dicomweb_config(dicomweb_config)
     inputs, question = split_inputs(args, question_opt)
     if api_key_file is not None and server is None:
@@ -196,7 +207,9 @@ def ask(
             "deid": deid,
             **{name: value for name, value in task_values.items() if value is not None},
         }
-        result = ask_server(server, api_key_file, inputs, question, task, options, slide, model, output)
+        result = ask_server(
+            server, api_key_file, inputs, question, task, options, slide, model, output, allow_burned_in
+        )
         write_results(result, inputs, sr_out, fhir_out, store_sr, output)
         emit(chosen, result, fmt, output)
         return
@@ -266,17 +279,26 @@ def ask_server(
     slide: SlideOptions,
     model: ModelChoice,
     output: Output,
+    allow_burned_in: bool = False,
 ) -> dict[str, Any]:
-    """The envelope of ``task`` run by the ``medlens serve`` at ``url`` (no model is loaded here)."""
+    """The envelope of ``task`` run by the ``medlens serve`` at ``url`` (no model is loaded here). Inputs whose
+    images may carry burned-in text are refused for a server on another machine unless ``allow_burned_in``."""
     import dataclasses
 
     from medlens.backends.openai_backend import is_remote_url
     from medlens.client import Client
+    from medlens.io.burned_in import burned_in_inputs
+    from medlens.io.dicomweb import is_dicomweb
     from medlens.prep.slide_recipe import SlideOptions
+    from medlens.tasks.runner import burned_in_verdict
 
     local = [flag for name, flag in LOCAL_OUTPUTS.items() if options.get(name) is not None]
     if local:
         raise MedlensError(f"{', '.join(local)} writes a file here and cannot be used with --server")
+    if model.args.get("adapter") is not None:
+        raise MedlensError(
+            "--adapter cannot be used with --server: start the server with it (medlens serve --adapter DIR)"
+        )
     changed = {
         f.name: getattr(slide, f.name)
         for f in dataclasses.fields(SlideOptions)
@@ -296,16 +318,23 @@ def ask_server(
             output.note([line])
 
     deid = options.get("deid")
+    remote = is_remote_url(url)
+    found = (
+        burned_in_inputs([i for i in inputs if not is_dicomweb(i)]) if remote else []
+    )  # the server reads a PACS itself
+    sent_anyway = burned_in_verdict(found, allow_burned_in, "the server is not on this machine")
     with tempfile.TemporaryDirectory(prefix="medlens-upload-") as workdir:
-        if deid if deid is not None else is_remote_url(url):  # files leaving the machine are de-identified
-            inputs = leaving_the_machine(inputs, Path(workdir))
+        if deid if deid is not None else remote:  # files leaving the machine are de-identified
+            inputs = leaving_the_machine(inputs, Path(workdir), allow_burned_in)
             output.note([f"de-identified the DICOM inputs before sending them to {url} (--no-deid: as they are)"])
         with Client(url, api_key=read_api_key(api_key_file)) as client:
             events = None if output.quiet else stage
-            return client.analyze(inputs, task=task, question=question, on_event=events, **options)
+            result = client.analyze(inputs, task=task, question=question, on_event=events, **options)
+    result["warnings"] = [*(result.get("warnings") or []), *sent_anyway]
+    return result
 
 
-def leaving_the_machine(inputs: list[str], workdir: Path) -> list[str]:
+def leaving_the_machine(inputs: list[str], workdir: Path, allow_burned_in: bool = False) -> list[str]:
     """The inputs as they may go to a server on another machine: DICOM de-identified (PS3.15 Basic Profile,
     one key for all inputs, so that their UIDs and pseudonyms agree), images as they are; documents (PDF,
     FHIR, notes) and zips, which cannot be de-identified file by file here, are refused with the way out."""
@@ -316,7 +345,7 @@ def leaving_the_machine(inputs: list[str], workdir: Path) -> list[str]:
     from medlens.io.dicomweb import is_dicomweb
     from medlens.io.discover import discover, document_kind
 
-    options = DeidOptions(salt=secrets.token_bytes(32))
+    options = DeidOptions(salt=secrets.token_bytes(32), allow_burned_in=allow_burned_in)
     out: list[str] = []
     for n, raw in enumerate(inputs):
         path = Path(raw)

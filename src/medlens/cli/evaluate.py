@@ -29,7 +29,8 @@ def eval_command(
     model: ModelChoice,
     output: Output,
 ) -> None:
-    """Run a benchmark (resumable: rerun the same command after a crash), or --list them."""
+    """Run a benchmark (resumable: rerun the same command after a crash), or --list them. With --adapter the
+    outputs are keyed by the adapter too (nothing of the base model is reused) and go to their own folder."""
     if list_:
         _list_benchmarks()
         return
@@ -38,7 +39,9 @@ def eval_command(
     from medlens.eval.runner import run_benchmark
 
     name = model.name or "test-tiny"
-    run_dir = out or Path("runs") / f"{Path(benchmark).stem}-{_slug(name)}"
+    adapter = model.args.get("adapter")
+    suffix = f"+{_slug(str(adapter))}" if adapter else ""  # base and adapted runs in their own folders
+    run_dir = out or Path("runs") / f"{Path(benchmark).stem}-{_slug(name)}{suffix}"
     results = run_benchmark(
         benchmark,
         name,
@@ -75,6 +78,8 @@ def summary_line(results: dict, run_dir: Path) -> str:
         f"{results['benchmark']}: {results['n_items']} outputs, {results['n_unparsed']} unparsed, "
         f"{results['n_reused']} reused from the journal; run folder {run_dir}"
     )
+    if results.get("adapter"):
+        line += f"; adapter {results['adapter']['name']} ({results['adapter']['sha256'][:12]})"
     if results.get("test_model") or results.get("untrained_test_model"):
         line += f"; test model {results['model']}: scores mean nothing"
     return line

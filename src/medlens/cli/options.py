@@ -139,8 +139,8 @@ def parse_model_args(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def model_group(default: str | None, help: str, engines: bool = True) -> OptionGroup:
-    """``--model`` (default ``default``), ``--engine`` when the command has several engines, ``--device``,
-    ``--dtype`` and ``--model-arg``; device and dtype spellings are checked before anything is read."""
+    """``--model`` (default ``default``), ``--engine`` and ``--adapter`` when the command has several engines,
+    ``--device``, ``--dtype`` and ``--model-arg``; device and dtype spellings are checked before anything is read."""
     from medlens.models.device import DEVICE_CHOICES, DTYPE_CHOICES, check_device_name, check_dtype_name
 
     panel = "Model"
@@ -150,6 +150,8 @@ def model_group(default: str | None, help: str, engines: bool = True) -> OptionG
 
         engines_help = f"Backend engine ({', '.join(ENGINES)}; see docs/engines.md)."
         params.append(option("engine", str, "transformers", help=engines_help, panel=panel))
+        adapter_help = "PEFT adapter folder (LoRA) put on the model (transformers, vllm; see docs/adapters.md)."
+        params.append(option("adapter", Path | None, None, "--adapter", help=adapter_help, panel=panel))
     params += [
         option("device", str, "auto", help=f"Where the model runs: {DEVICE_CHOICES}.", panel=panel),
         option("dtype", str, "auto", help=f"Weights dtype: {DTYPE_CHOICES} (auto: bfloat16 on GPU).", panel=panel),
@@ -164,11 +166,17 @@ def model_group(default: str | None, help: str, engines: bool = True) -> OptionG
     ]
 
     def build(
-        model: str | None, device: str, dtype: str, model_arg: list[str] | None, engine: str = "transformers"
+        model: str | None,
+        device: str,
+        dtype: str,
+        model_arg: list[str] | None,
+        engine: str = "transformers",
+        adapter: Path | None = None,
     ) -> ModelChoice:
-        return ModelChoice(
-            model, engine, check_device_name(device), check_dtype_name(dtype), parse_model_args(model_arg)
-        )
+        args = parse_model_args(model_arg)
+        if adapter is not None:  # the engine's adapter= option (also --model-arg adapter=DIR)
+            args["adapter"] = str(adapter)
+        return ModelChoice(model, engine, check_device_name(device), check_dtype_name(dtype), args)
 
     return OptionGroup("model", tuple(params), build)
 
@@ -232,7 +240,7 @@ def slide_group(prompt: bool) -> OptionGroup:
             int | None,
             None,
             min=0,
-            help="Reader processes (default one per CPU; 0 = no isolation).",
+            help="Decoding processes for slides and compressed DICOM (default every usable core; 0 = no isolation).",
             panel=panel,
         ),
         option("slide_backend", str | None, None, help="openslide, tiffslide or wsidicom.", panel=panel),
@@ -244,8 +252,10 @@ def slide_group(prompt: bool) -> OptionGroup:
         ]
 
     def build(slide_backend: str | None, **values: Any) -> SlideOptions:
+        from medlens.io import worker_pool
         from medlens.prep.slide_recipe import SlideOptions
 
+        worker_pool.configure(workers=values.get("workers"))  # compressed DICOM frames decode in the same pool
         return SlideOptions(backend=slide_backend, **values)
 
     return OptionGroup("slide", tuple(params), build)

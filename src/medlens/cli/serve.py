@@ -100,18 +100,21 @@ def serve(
 
 
 def _run(settings: ServeSettings, log_level: str) -> None:
-    from medlens.backends import identify_backend
+    from medlens.backends import check_backend_options, identify_backend
     from medlens.serve.app import create_app
     from medlens.serve.observe import configure_logging
 
-    identify_backend(settings.model, settings.engine)  # a missing model: exit 2 now
+    # a missing model, a bad adapter folder, an option the engine does not take: exit 2 now
+    check_backend_options(settings.model, settings.engine, **settings.engine_options)
+    identify_backend(settings.model, settings.engine, **settings.engine_options)
     check_port(settings.host, settings.port)
     configure_logging(log_level)
     import uvicorn
 
     app = create_app(settings)
+    adapter = f" with adapter {settings.adapter}" if settings.adapter else ""
     typer.echo(
-        f"medlens: serving {settings.model} on http://{settings.host}:{settings.port} "
+        f"medlens: serving {settings.model}{adapter} on http://{settings.host}:{settings.port} "
         "(research use only; Ctrl-C stops)",
         err=True,
     )

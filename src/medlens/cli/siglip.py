@@ -1,4 +1,5 @@
-"""MedSigLIP commands: ``medlens embed``, ``zeroshot``, ``probe`` and ``search add|query|info``.
+"""MedSigLIP commands: ``medlens embed``, ``zeroshot``, ``probe [fit]|apply``, ``search add|query|info`` and
+``siglip finetune``.
 
 Import-light on purpose (the ``medlens`` app imports this module): numpy, torch, transformers and
 scikit-learn are imported inside the commands.
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from medlens import DISCLAIMER
+from medlens.cli.groups import default_command_group
 from medlens.cli.options import OUTPUT, STUDY, ModelChoice, Output, StudyChoice, model_group, print_json, uses
 from medlens.errors import InputError, MedlensError
 
@@ -158,7 +160,9 @@ def probe(
     c: Annotated[float, typer.Option("--c", min=1e-6, help="Inverse L2 regularisation strength.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the fold split and the bootstrap.")] = 0,
     resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the intervals.")] = 2000,
-    save: Annotated[Path | None, typer.Option(help="Write the probe fitted on all studies (.npz).")] = None,
+    save: Annotated[
+        Path | None, typer.Option(help="Write the probe fitted on all studies (.npz), for `medlens probe apply`.")
+    ] = None,
     batch_size: BatchOpt = 8,
     *,
     model: ModelChoice,
@@ -172,7 +176,8 @@ def probe(
     report = cross_validate(features, labels, folds=folds, c=c, seed=seed, n_resamples=resamples)
     result: dict[str, Any] = {"data": str(data), **info, **report.as_dict()}
     if save is not None:
-        fitted = fit_probe(features, labels, c=c, model=info["model"], fingerprint=info["fingerprint"])
+        recipe = info.get("recipe", "")
+        fitted = fit_probe(features, labels, c=c, model=info["model"], fingerprint=info["fingerprint"], recipe=recipe)
         result["saved"] = str(fitted.save(save))
     result["warnings"] = [*warnings, *report.warnings]
     result["disclaimer"] = DISCLAIMER
@@ -205,8 +210,127 @@ def _probe_data(
     studies = _studies(encoder, refs, batch_size, study, output)
     features = np.stack([s.pooled() for s in studies])
     labels = [s.ref.label or "" for s in studies]
-    info = {"model": encoder.name, "fingerprint": encoder.fingerprint, "dim": encoder.dim}
+    info = {"model": encoder.name, "fingerprint": encoder.fingerprint, "dim": encoder.dim, "recipe": study.recipe}
     return features, labels, info, _warnings(encoder, *[s.warnings for s in studies])
+
+
+probe_app = typer.Typer(
+    cls=default_command_group("fit"),
+    help="Linear probes on MedSigLIP embeddings: `medlens probe DATA` (= `probe fit`) trains and cross-validates, "
+    f"`medlens probe apply PROBE INPUTS` applies a saved one. {DISCLAIMER}",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+probe_app.command("fit")(probe)
+PROBE_MODEL = model_group(None, "Model (default: the one the probe was trained on; another one is refused).", False)
+
+
+@probe_app.command("apply")
+@uses(PROBE_MODEL, STUDY, OUTPUT)
+def probe_apply(
+    probe_file: Annotated[Path, typer.Argument(help="A probe written by `medlens probe DATA --save FILE`.")],
+    inputs: InputsArg,
+    batch_size: BatchOpt = 8,
+    *,
+    model: ModelChoice,
+    study: StudyChoice,
+    output: Output,
+) -> None:
+    """Apply a saved probe to studies: one JSON object per study (JSON Lines) with the label and probabilities."""
+    from medlens.siglip.inputs import expand_inputs
+    from medlens.siglip.probe import LinearProbe
+
+    probe = LinearProbe.load(probe_file)
+    refs = expand_inputs(inputs)
+    encoder = _encoder(model, model.name or probe.model)
+    probe.check_model(encoder.name, encoder.fingerprint, encoder.dim, probe_file)
+    notes = []
+    if probe.recipe and probe.recipe != study.recipe:
+        notes.append(f"the probe was trained on studies prepared with recipe {probe.recipe!r}, not {study.recipe!r}")
+    for one in _studies(encoder, refs, batch_size, study, output):
+        (applied,) = probe.apply(one.pooled()[None])
+        result: dict[str, Any] = {"input": one.ref.source, "n_images": one.n_images, **applied}
+        if one.ref.label is not None:
+            result["true_label"] = one.ref.label
+        result.update(
+            probe=str(probe_file),
+            model=encoder.name,
+            warnings=_warnings(encoder, notes, one.warnings),
+            disclaimer=DISCLAIMER,
+        )
+        print_json(result, indent=None)
+
+
+# ---------------------------------------------------------------- siglip finetune
+
+siglip_app = typer.Typer(
+    help=f"Adapt MedSigLIP to your data. {DISCLAIMER}",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@siglip_app.command("finetune")
+@uses(MODEL, OUTPUT)
+def siglip_finetune(
+    manifest: Annotated[
+        Path, typer.Argument(help='JSONL of {"inputs": [...], "text": "..."} per line, or a CSV path,text.')
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: model/, train_log.jsonl, run.json.")],
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 100,
+    batch_size: Annotated[int, typer.Option(min=2, help="Pairs per step (the negatives of each other).")] = 8,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="Learning rate (default: 1e-5 full, 1e-4 lora).")] = None,
+    method: Annotated[str, typer.Option(help="full (every weight) or lora (adapters merged on save).")] = "full",
+    lora_r: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
+    lora_alpha: Annotated[int, typer.Option(min=1, help="LoRA alpha.")] = 16,
+    warmup_ratio: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of steps warming up.")] = 0.03,
+    max_grad_norm: Annotated[float, typer.Option(min=0.0, help="Gradient clipping norm.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the data order and of the LoRA initialisation.")] = 0,
+    recipe: Annotated[str | None, typer.Option(help="Preparation recipe of the studies.")] = None,
+    modality: Annotated[str | None, typer.Option(help="CT, MR, CR ... for inputs without DICOM metadata.")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for activation memory.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT/model if it exists.")] = False,
+    *,
+    model: ModelChoice,
+    output: Output,
+) -> None:
+    """Contrastive fine-tuning (SigLIP sigmoid loss) on image-text pairs; `--model OUT/model` then works in
+    every MedSigLIP command."""
+    from medlens.backends import check_engine_options
+    from medlens.finetune.siglip_contrastive import ContrastiveConfig, finetune_siglip
+    from medlens.models.siglip_encoder import SiglipEncoder
+    from medlens.prep import DEFAULT_RECIPE
+
+    check_engine_options("MedSigLIP", SiglipEncoder, model.args)
+
+    config = ContrastiveConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        method=method,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+        recipe=recipe or DEFAULT_RECIPE,
+        modality=modality,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    summary = finetune_siglip(
+        manifest,
+        out,
+        model.name or DEFAULT_MODEL,
+        config,
+        device=model.device,
+        dtype=model.dtype,
+        overwrite=overwrite,
+        reporter=output.reporter,
+        model_args=model.args,
+    )
+    print_json(summary)
 
 
 # ---------------------------------------------------------------- search
@@ -335,5 +459,6 @@ def register(app: typer.Typer) -> None:
     """Add the MedSigLIP commands to the ``medlens`` app."""
     app.command()(embed)
     app.command()(zeroshot)
-    app.command()(probe)
+    app.add_typer(probe_app, name="probe")
     app.add_typer(search_app, name="search")
+    app.add_typer(siglip_app, name="siglip")

@@ -1,10 +1,11 @@
 """``medlens eval``: run a benchmark on any backend, journaling every output, then score it.
 
 Each item is keyed by its fields and its input files' content hashes (no preparation needed), the model
-revision, the benchmark's prompt template hash, the generation parameters (token cap, temperature, thinking,
-seed) and the medlens version. Greedy outputs already in the run's journal are reused, so rerunning the same
-command after a crash (even ``kill -9``) prepares and generates nothing that is done, and ends with the same
-results as an uninterrupted run. Sampled outputs (temperature > 0) are never reused.
+revision (with the hash of a PEFT adapter on the weights, when one is loaded), the benchmark's prompt
+template hash, the generation parameters (token cap, temperature, thinking, seed) and the medlens version.
+Greedy outputs already in the run's journal are reused, so rerunning the same command after a crash (even
+``kill -9``) prepares and generates nothing that is done, and ends with the same results as an uninterrupted
+run. Sampled outputs (temperature > 0) are never reused.
 
 The run streams: only the items the journal lacks are prepared, one batch at a time (consecutive questions
 about one study stay in one batch, sharing its preparation and prefix), and each batch's images are dropped
@@ -119,8 +120,9 @@ def run_benchmark(
     ]
     results = _results(spec, samples, identity, generation, n_resamples, reused, limit)
     results["warnings"] = journal_warnings + caught  # library warnings, short (medlens.warnings_capture)
-    if judge is not None:
-        _add_judge(results, samples, judge, engine, options, out, n_resamples)
+    if judge is not None:  # the judge is its own model: the adapter is the graded model's
+        judge_options = {key: value for key, value in options.items() if key != "adapter"}
+        _add_judge(results, samples, judge, engine, judge_options, out, n_resamples)
     results["timings"] = {"total": round(time.perf_counter() - start, 3)}
     write_jsonl_atomic(out / SAMPLES, samples)
     write_json_atomic(out / RESULTS, results)
@@ -151,6 +153,7 @@ def _deidentify(queries: list[Any]) -> None:
 
 
 def _identity(backend: Backend) -> BackendIdentity:
+    """A loaded backend's identity; its revision names the adapter too, so journal keys change with it."""
     return BackendIdentity(
         engine=backend.engine,
         model_name=backend.model_name,
@@ -158,6 +161,7 @@ def _identity(backend: Backend) -> BackendIdentity:
         default_max_new_tokens=backend.default_max_new_tokens,
         is_test_model=backend.is_test_model,
         model_warning=backend.model_warning,
+        adapter=backend.adapter.identity() if backend.adapter is not None else None,
     )
 
 
@@ -375,6 +379,7 @@ def _results(
         "model": backend.model_name,
         "engine": backend.engine,
         "model_revision": backend.revision,
+        "adapter": backend.adapter,
         "untrained_test_model": backend.is_test_model,
         "test_model": backend.is_test_model or backend.model_name in BUILTIN_MODELS,
         "model_warning": backend.model_warning,

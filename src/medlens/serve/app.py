@@ -105,10 +105,15 @@ def _errors(app: FastAPI) -> None:
 def _routes(app: FastAPI, service: Service) -> None:
     settings = service.settings
 
+    def with_adapter(body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` plus ``adapter`` ({name, sha256}) when the model runs with one."""
+        adapter = service.adapter_identity()
+        return body if adapter is None else {**body, "adapter": adapter}
+
     @app.get("/health", tags=["status"])
-    async def health() -> dict[str, str]:
-        """Liveness: the process answers."""
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        """Liveness: the process answers (and names the adapter, when there is one)."""
+        return with_adapter({"status": "ok"})
 
     @app.get("/ready", tags=["status"])
     async def ready() -> JSONResponse:
@@ -118,7 +123,7 @@ def _routes(app: FastAPI, service: Service) -> None:
         except ApiError as exc:
             status = "failed" if service.load_error else "loading"
             return JSONResponse({**exc.body(), "status": status}, exc.status)
-        return JSONResponse({"status": "ready", "model": settings.model})
+        return JSONResponse(with_adapter({"status": "ready", "model": settings.model}))
 
     @app.get("/v1/models", tags=["models"])
     async def models() -> dict[str, Any]:
@@ -128,7 +133,7 @@ def _routes(app: FastAPI, service: Service) -> None:
             "engine": settings.engine if backend is None else backend.engine,
             "untrained_test_model": bool(backend and backend.is_test_model),
         }
-        return {"models": [model]}
+        return {"models": [with_adapter(model)]}
 
     @app.get("/v1/tasks", tags=["tasks"])
     async def tasks() -> dict[str, Any]:

@@ -214,6 +214,7 @@ class LaneBackend(Backend):
         self.engine, self.model_name = real.engine, real.model_name
         self.is_test_model, self.model_warning = real.is_test_model, real.model_warning
         self.default_max_new_tokens, self.fingerprint = real.default_max_new_tokens, real.fingerprint
+        self.adapter = getattr(real, "adapter", None)
 
     def generate(
         self,

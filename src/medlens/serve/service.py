@@ -44,6 +44,7 @@ class Service:
         self.backend: Backend | None = None
         self.scheduler: Scheduler | None = None
         self.load_error: str | None = None
+        self._configured_adapter = _adapter_identity(settings.adapter)
         self.metrics.queue_depth.set_function(lambda: self.admission.active)
         self.metrics.engine_queue.set_function(lambda: self.scheduler.depth if self.scheduler else 0)
         if backend is not None:
@@ -62,8 +63,19 @@ class Service:
         )
         self.backend = backend
 
+    def adapter_identity(self) -> dict[str, str] | None:
+        """``{"name", "sha256"}`` of the adapter served: the loaded backend's, else the configured folder's
+        (None without an adapter)."""
+        if self.backend is not None:
+            return self.backend.adapter.identity() if self.backend.adapter is not None else None
+        return self._configured_adapter
+
     def start(self) -> None:
-        """At app start-up (again after a stop): the engine thread for the given backend, else the model load."""
+        """At app start-up (again after a stop): the decoding worker pool (kept warm for every request; a
+        decoder crash fails only its upload), the engine thread for the given backend, else the model load."""
+        from medlens.io import worker_pool
+
+        worker_pool.shared_pool()
         if self.backend is not None:
             if self.scheduler is None:
                 self.attach(self.backend)
@@ -147,7 +159,10 @@ class Service:
         start = time.monotonic()
         self.running.add(context)
         try:
-            return run_analysis(form, inputs, upload, self.require_ready().lane(context), context, self.settings)
+            result = run_analysis(form, inputs, upload, self.require_ready().lane(context), context, self.settings)
+            if result.get("adapter") is None and (adapter := self.adapter_identity()) is not None:
+                result["adapter"] = adapter  # the engine's lanes do not carry the adapter itself
+            return result
         finally:
             self.running.discard(context)
             upload.cleanup()
@@ -287,6 +302,20 @@ class Service:
                     return
         finally:
             context.cancel.set()
+
+
+def _adapter_identity(folder: str | None) -> dict[str, str] | None:
+    """The identity of the adapter in ``folder``; None without one, or when it cannot be read (the model
+    load then fails and ``/ready`` says why)."""
+    if folder is None:
+        return None
+    from medlens.errors import MedlensError
+    from medlens.models.adapter import read_adapter
+
+    try:
+        return read_adapter(folder).identity()
+    except MedlensError:
+        return None
 
 
 def sse(event: str, data: Any) -> str:

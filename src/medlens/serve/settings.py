@@ -49,6 +49,12 @@ class ServeSettings(BaseModel):
     max_field_kb: int = Field(256, ge=1)
 
     @property
+    def adapter(self) -> str | None:
+        """The PEFT adapter folder put on the model (``--adapter``: the engine's ``adapter`` option)."""
+        value = self.engine_options.get("adapter")
+        return str(value) if value is not None else None
+
+    @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
 

@@ -2,8 +2,9 @@
 metrics of the out-of-fold predictions with 95% bootstrap intervals from :mod:`medlens.metrics.stats`.
 
 Every item is predicted by a model that never saw it, so the metrics estimate performance on new studies of
-the same kind. The fitted probe (on all items) is saved as plain arrays (``.npz``, no pickle): features are
-standardised inside the pipeline, and the scaler is folded into the linear weights.
+the same kind. The fitted probe (on all items) is saved as plain arrays (``.npz`` read with
+``allow_pickle=False``; a pickled estimator, as joblib writes, can run code when loaded, and skops is not a
+dependency): features are standardised inside the pipeline, and the scaler is folded into the linear weights.
 """
 
 from __future__ import annotations
@@ -74,15 +75,22 @@ PROBE_METRICS.add(
 PROBE_METRICS.add("roc_auc", ProbeMetric(roc_auc, _positive_scores, applies=lambda k: k == 2))
 
 
+class ProbeModelError(InputError):
+    """A probe given embeddings of another model (fingerprint or dimension differ) than it was trained on."""
+
+
 @dataclass
 class LinearProbe:
-    """A fitted probe as plain arrays: ``decision = X @ coef.T + intercept`` (one row of ``coef`` when binary)."""
+    """A fitted probe as plain arrays: ``decision = X @ coef.T + intercept`` (one row of ``coef`` when binary),
+    with the identity of the embedding model (name, fingerprint) and the preparation recipe of its studies
+    (empty when trained from an embedding file)."""
 
     classes: list[str]
     coef: np.ndarray
     intercept: np.ndarray
     model: str = ""
     fingerprint: str = ""
+    recipe: str = ""
 
     @property
     def dim(self) -> int:
@@ -102,6 +110,27 @@ class LinearProbe:
     def predict(self, embeddings: np.ndarray) -> list[str]:
         return [self.classes[i] for i in np.argmax(self.predict_proba(embeddings), axis=1)]
 
+    def check_model(self, model: str, fingerprint: str, dim: int, path: str | Path = "") -> None:
+        """Refuse embeddings of another model: the fingerprint (or the dimension) must be the probe's own."""
+        if int(dim) != self.dim or (self.fingerprint and fingerprint != self.fingerprint):
+            raise ProbeModelError(
+                f"the probe was trained on embeddings of model {self.model!r} (fingerprint {self.fingerprint}, "
+                f"dimension {self.dim}), not of {model!r} (fingerprint {fingerprint}, dimension {dim}); "
+                f"use --model {self.model} or train a probe on this model",
+                str(path) or None,
+            )
+
+    def apply(self, embeddings: np.ndarray) -> list[dict[str, Any]]:
+        """Per row: the predicted label and the probability of every class."""
+        proba = self.predict_proba(embeddings)
+        return [
+            {
+                "label": self.classes[int(np.argmax(row))],
+                "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, row, strict=True)},
+            }
+            for row in proba
+        ]
+
     def save(self, path: str | Path) -> Path:
         """Write the probe as ``.npz`` (atomically: a temporary file renamed into place)."""
         return write_atomic(
@@ -113,6 +142,7 @@ class LinearProbe:
                 intercept=self.intercept,
                 model=np.asarray(self.model),
                 fingerprint=np.asarray(self.fingerprint),
+                recipe=np.asarray(self.recipe),
                 medlens_version=np.asarray(__version__),
             ),
         )
@@ -127,6 +157,7 @@ class LinearProbe:
                     np.asarray(data["intercept"], dtype=np.float64),
                     str(data["model"]),
                     str(data["fingerprint"]),
+                    str(data["recipe"]) if "recipe" in data else "",
                 )
         except FileNotFoundError:
             raise InputError("no such probe file", str(path)) from None
@@ -262,7 +293,12 @@ def _finite(value: float) -> float | None:
 
 
 def fit_probe(
-    embeddings: np.ndarray, labels: Sequence[str], c: float = DEFAULT_C, model: str = "", fingerprint: str = ""
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    c: float = DEFAULT_C,
+    model: str = "",
+    fingerprint: str = "",
+    recipe: str = "",
 ) -> LinearProbe:
     """Fit the probe on all items and return it as plain arrays (scaler folded into the weights)."""
     x, classes, codes = _check(embeddings, labels)
@@ -272,4 +308,4 @@ def fit_probe(
     scaler, regression = pipeline[0], pipeline[-1]
     coef = regression.coef_ / scaler.scale_
     intercept = regression.intercept_ - coef @ scaler.mean_
-    return LinearProbe(classes, coef, intercept, model, fingerprint)
+    return LinearProbe(classes, coef, intercept, model, fingerprint, recipe)

@@ -16,6 +16,13 @@ class InputRef(BaseModel):
     sha256: str
 
 
+class AdapterRef(BaseModel):
+    """The PEFT adapter a result's model ran with: its folder name and the SHA-256 of its config and weights."""
+
+    name: str
+    sha256: str
+
+
 class Envelope(BaseModel):
     """Same fields for every task; ``payload`` holds the task's validated result."""
 
@@ -28,6 +35,9 @@ class Envelope(BaseModel):
     question: str | None = None
     #: what identifies the weights (Backend.model_fingerprint), for the SR's algorithm identification
     model_fingerprint: str | None = None
+    #: the PEFT adapter on the weights (``--adapter``), None for the base model; its hash is also in
+    #: ``model_fingerprint``
+    adapter: AdapterRef | None = None
     inputs: list[InputRef] = Field(default_factory=list)
     n_images: int = 0
     answer: str = ""

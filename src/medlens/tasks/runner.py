@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from medlens.backends import Backend, GenerationRequest, load_backend
-from medlens.errors import MedlensError
+from medlens.errors import InputError, MedlensError
 from medlens.files import sha256_of
 from medlens.progress import Reporter, Timer
 from medlens.prompts import split_thinking
@@ -60,6 +60,7 @@ def generate(
         model=backend.model_name,
         engine=backend.engine,
         untrained_test_model=backend.is_test_model,
+        adapter=backend.adapter.identity() if getattr(backend, "adapter", None) is not None else None,
         prompt_tokens=sum(o.prompt_tokens for o in outputs),
         completion_tokens=sum(o.completion_tokens for o in outputs),
         finish_reason="length" if any(o.finish_reason == "length" for o in outputs) else "stop",
@@ -107,6 +108,8 @@ def _run_task(
         build = task.build(paths, question, options)
     options_for_engine = backend_options or {}
     backend = _backend(model, engine, timer, reporter, options_for_engine)
+    if getattr(backend, "remote", False):
+        build.warnings += check_burned_in(build, paths, options)
     deid = should_deidentify(options, backend)
     terms = deidentify_build(build, paths, backend) if deid else None
     texts, envelope = generate(backend, build, options, timer, reporter)
@@ -176,6 +179,39 @@ def finalize(
 def should_deidentify(options: TaskOptions, backend: Backend) -> bool:
     """``options.deid`` when set, else whether the backend is remote."""
     return options.deid if options.deid is not None else bool(getattr(backend, "remote", False))
+
+
+#: ``TaskOptions.extra`` key: send images that may carry burned-in text to a remote backend anyway
+ALLOW_BURNED_IN = "allow_burned_in"
+
+
+class BurnedInTextError(InputError):
+    """An input's images may carry text (a name, an ID) and the backend is remote."""
+
+
+def check_burned_in(build: TaskBuild, paths: Sequence[Path], options: TaskOptions) -> list[str]:
+    """Before anything goes to a remote backend: inputs whose images may carry burned-in text (PDF pages, DICOM
+    by :func:`medlens.io.deid.burned_in_reason`, the rule of ``medlens deid``) are refused unless
+    ``options.extra["allow_burned_in"]``; allowed, each gives a warning."""
+    from medlens.io.burned_in import burned_in_inputs
+
+    found = burned_in_inputs(paths, build.details.get("series"))
+    return burned_in_verdict(found, bool(options.extra.get(ALLOW_BURNED_IN)), "the backend is remote")
+
+
+def burned_in_verdict(found: Sequence[tuple[str, str]], allowed: bool, where: str) -> list[str]:
+    """:class:`BurnedInTextError` for the first of ``found`` (input, reason) unless ``allowed``; else the
+    warnings saying what was sent."""
+    if found and not allowed:
+        path, reason = found[0]
+        raise BurnedInTextError(
+            f"its images may carry burned-in text ({reason}) and {where}: nothing was sent; use a local "
+            "engine, or pass --allow-burned-in to send it anyway",
+            path,
+        )
+    return [
+        f"sent although its images may carry burned-in text ({r}), as --allow-burned-in allows: {p}" for p, r in found
+    ]
 
 
 def deidentify_build(
