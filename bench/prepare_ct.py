@@ -33,7 +33,9 @@ What is measured:
               equidistantly, only those decoded and windowed; the in-memory result, the equivalent of (b).
 (c2)          ``prepare_study`` + ``write_prepared`` (PNG files and manifest, the CLI path), for information.
 (e) tight     the least a one-core reader of this series can do: the headers of every file
-              (``dcmread(stop_before_pixels=True)``) and ``pixel_array`` of the 85 sampled files only.
+              (``dcmread(stop_before_pixels=True)``) and ``pixel_array`` of the 85 sampled files only, with
+              the single-threaded decoding plugin medlens asks for (for JPEG 2000 pylibjpeg-openjpeg: pydicom's
+              default, GDCM, runs OpenJPEG with threads, ~1.6 cores per frame, so it is no one-core floor).
 
 Peak memory is measured for each approach in fresh subprocesses (after imports and a warm-up on a tiny
 series), each figure in its own process so tracemalloc's bookkeeping does not inflate the RSS one:
@@ -82,11 +84,12 @@ import numpy as np
 import PIL
 import pydicom
 from PIL import Image
-from pydicom.pixels import apply_rescale
+from pydicom.pixels import apply_rescale, pixel_array
 
 import medlens
 from medlens.api import prepare_study, write_prepared
 from medlens.demo.phantom import ct_phantom, write_ct_series
+from medlens.io.dicom_pixels import decoding_plugin_for
 from medlens.prep import Prepared
 from medlens.progress import Timer
 
@@ -245,8 +248,9 @@ def run_tight(folder: Path) -> None:
     headers.sort(key=lambda item: float(item[0].ImagePositionPatient[2]))
     n = len(headers)
     chosen = range(n) if n <= MAX_IMAGES else np.rint(np.linspace(0, n - 1, MAX_IMAGES)).astype(int)
+    plugin = decoding_plugin_for(str(headers[0][0].file_meta.TransferSyntaxUID)) if headers else ""
     for i in chosen:
-        pydicom.dcmread(headers[i][1]).pixel_array  # noqa: B018 - decoding is the point
+        pixel_array(headers[i][1], decoding_plugin=plugin)
 
 
 def run_notebook(folder: Path) -> list[str]:
