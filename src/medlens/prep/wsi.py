@@ -211,7 +211,7 @@ def tissue_mask(
     2. **Value**. Near-white pixels (``V > white_value``) are background; near-black pixels
        (``V < dark_value``: pen ink, folds, dust, scanner edges) are artefacts. Dark pixels are noisy and
        can look highly saturated, so this stage is needed on top of stage 1.
-    3. **Morphology** (scipy.ndimage, edge-padded so borders are not eroded): opening with a disk of
+    3. **Morphology** (OpenCV, equal to scipy.ndimage; edge-padded so borders are not eroded): opening with a disk of
        ``open_radius`` removes speckle, closing with ``close_radius`` bridges small gaps, holes are filled.
        Artefact pixels (dilated by ``dark_margin`` to catch their anti-aliased rims) are then removed again
        so that fills cannot bring a pen mark back, and connected components smaller than
