@@ -169,3 +169,14 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def config(orthanc: Orthanc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A dicomweb.toml naming the running Orthanc ``orthanc``, set as medlens's config for the test."""
+    from medlens.io.dicomweb_config import ENV
+
+    path = tmp_path / "dicomweb.toml"
+    path.write_text(orthanc.config_toml("orthanc"))
+    monkeypatch.setenv(ENV, str(path))
+    return path

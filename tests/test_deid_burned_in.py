@@ -11,20 +11,12 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_factory import write_series
-from test_deid_remote import Recorder
+from test_deid_remote import recorder  # noqa: F401  (the fixture)
 from test_task_clinical import _lab_pdf
 
 from medlens.backends import load_backend
 from medlens.tasks import TaskOptions, get_task
 from medlens.tasks.runner import ALLOW_BURNED_IN, BurnedInTextError, run_task
-
-
-@pytest.fixture
-def recorder():
-    rec = Recorder()
-    yield rec
-    rec.httpd.shutdown()
-    rec.httpd.server_close()
 
 
 def _series(folder: Path, modality: str = "CT", burned_in: str | None = None) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dicom_factory import write_non_image, write_series
-from orthanc import Orthanc, orthanc  # noqa: F401  (the fixture)
+from orthanc import Orthanc, config, orthanc  # noqa: F401  (the fixtures)
 
 from medlens.io import dicomweb
 from medlens.io.dicomweb_config import (
@@ -61,7 +61,7 @@ class Counter:
 
 
 @pytest.fixture(scope="module")
-def ct_study(orthanc: Orthanc, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:  # noqa: F811
+def ct_study(orthanc: Orthanc, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     """A synthetic 300-slice CT (plus an SR in the same study) stored in Orthanc; the local copy too."""
     folder = tmp_path_factory.mktemp("ct")
     rng = np.random.default_rng(13)
@@ -84,14 +84,6 @@ def ct_study(orthanc: Orthanc, tmp_path_factory: pytest.TempPathFactory) -> tupl
     ds.save_as(sr)
     orthanc.upload([*files, sr])
     return folder / "ct", str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
-
-
-@pytest.fixture
-def config(orthanc: Orthanc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:  # noqa: F811
-    path = tmp_path / "dicomweb.toml"
-    path.write_text(orthanc.config_toml("orthanc"))
-    monkeypatch.setenv(ENV, str(path))
-    return path
 
 
 def test_prepare_retrieves_only_sampled_instances_and_matches_local(ct_study, config, monkeypatch, tmp_path):
@@ -153,7 +145,7 @@ def test_cli_unconfigured_server_exits_2(config, capsys, tmp_path):
     assert "not configured" in output and "Traceback" not in output and len(output.strip().splitlines()) == 1
 
 
-def test_wrong_password_is_a_typed_error(ct_study, orthanc, tmp_path, monkeypatch):  # noqa: F811
+def test_wrong_password_is_a_typed_error(ct_study, orthanc, tmp_path, monkeypatch):
     _, study, _ = ct_study
     path = tmp_path / "bad.toml"
     text = orthanc.config_toml("orthanc", password_file=tmp_path / "pw")
@@ -214,7 +206,7 @@ def test_orthanc_stopped_mid_retrieval(ct_study, tmp_path, monkeypatch):
         pydicom.dcmread(p).pixel_array  # noqa: B018
 
 
-def test_store_round_trip(config, tmp_path, orthanc):  # noqa: F811
+def test_store_round_trip(config, tmp_path, orthanc):
     import pydicom
 
     files = write_series(tmp_path / "s", [np.full((16, 16), v, np.uint16) for v in (10, 20, 30)])
@@ -336,7 +328,7 @@ def test_ask_accepts_dicomweb(ct_study, config, monkeypatch, cli):
     assert json.loads(out)["n_images"] == SAMPLED
 
 
-def test_whole_slide_series_goes_to_the_slide_reader(config, orthanc, tmp_path):  # noqa: F811
+def test_whole_slide_series_goes_to_the_slide_reader(config, orthanc, tmp_path):
     """An SM series is not read as an image stack: the stack reader names the way (the slide recipe), the
     slide finder takes it, and an SM series without a pyramid is a typed error (tests/test_dicomweb_slide.py
     reads a real one)."""
@@ -356,7 +348,7 @@ def test_whole_slide_series_goes_to_the_slide_reader(config, orthanc, tmp_path):
         prepare_study(f"dicomweb://orthanc/{study}")
 
 
-def test_persistent_cache_is_reused(ct_study, orthanc, tmp_path, monkeypatch):  # noqa: F811
+def test_persistent_cache_is_reused(ct_study, orthanc, tmp_path, monkeypatch):
     _, study, _ = ct_study
     path = tmp_path / "p.toml"
     path.write_text(orthanc.config_toml("orthanc", cache_dir=str(tmp_path / "cache")))

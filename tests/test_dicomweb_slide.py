@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from orthanc import Orthanc, orthanc  # noqa: F401  (the fixture)
+from orthanc import Orthanc, config, orthanc  # noqa: F401  (the fixtures)
 from slide_factory import write_dicom_wsi
 
 from medlens.io import dicomweb
@@ -52,20 +52,12 @@ class Frames:
 
 
 @pytest.fixture(scope="module")
-def slide(orthanc: Orthanc, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+def slide(orthanc: Orthanc, tmp_path_factory: pytest.TempPathFactory):
     """A synthetic DICOM WSI (3 levels + a label with the fake patient's name) stored through Orthanc."""
     written = write_dicom_wsi(tmp_path_factory.mktemp("wsi") / "slide")
     orthanc.upload(list(written.files))
     study = str(pydicom.dcmread(written.files[0], stop_before_pixels=True).StudyInstanceUID)
     return written, study
-
-
-@pytest.fixture
-def config(orthanc: Orthanc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:  # noqa: F811
-    path = tmp_path / "dicomweb.toml"
-    path.write_text(orthanc.config_toml("orthanc"))
-    monkeypatch.setenv(ENV, str(path))
-    return path
 
 
 def _uids(files) -> dict[str, str]:
