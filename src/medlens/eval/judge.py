@@ -9,7 +9,7 @@ from typing import Any
 
 from medlens import __version__
 from medlens.backends import Backend, GenerationRequest
-from medlens.eval.journal import Journal
+from medlens.journal import Journal
 from medlens.prompts import parse_yes_no, split_thinking, text_messages
 
 JUDGE_PROMPT = (

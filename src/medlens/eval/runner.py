@@ -38,7 +38,7 @@ from medlens.backends import (
 from medlens.backends.base import GenerationFailed
 from medlens.errors import MedlensError
 from medlens.eval.data import data_root, load_items
-from medlens.eval.journal import JOURNAL, Journal
+from medlens.journal import JOURNAL, Journal
 from medlens.eval.kinds import Item, Kind, Query
 from medlens.eval.registry import get_benchmark, make_kind
 from medlens.eval.spec import BenchmarkSpec, Generation

@@ -1,0 +1,70 @@
+"""The pipeline's contract: units in, outcomes out, the stages a consumer supplies and how the model loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from medlens.backends import Backend, load_backend
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """How to load the model where it runs (the driver locally, each replica on Ray): picklable."""
+
+    model: str
+    engine: str = "transformers"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Backend:
+        return load_backend(self.model, self.engine, **self.options)
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """Where and how wide to run on Ray. ``address``: ``local`` (start a private Ray on this machine),
+    ``auto`` (the cluster this machine belongs to) or a ``ray://host:port`` / ``host:port`` address."""
+
+    address: str = "local"
+    replicas: int = 1
+    gpus_per_replica: float = 0.0
+    cpus_per_replica: float = 1.0
+    cpus_per_prepare: float = 1.0
+    #: CPUs of a private (``local``) Ray; None: all usable cores
+    num_cpus: int | None = None
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row of work: its journal key and the consumer's JSON-ready payload."""
+
+    key: str
+    row: dict[str, Any]
+
+
+@dataclass
+class Outcome:
+    """What became of one unit: the consumer's record, or the error that failed only this row
+    (``{"error": type name, "reason": one line, "stage": "prepare" | "answer"}``)."""
+
+    key: str
+    row: dict[str, Any]
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Stages(Protocol):
+    """A consumer's two stages. The object is pickled to Ray workers, so keep it a plain dataclass whose
+    fields are names and settings, not loaded models or open files.
+
+    ``prepare`` reads and prepares one unit on a CPU worker (raise :class:`~medlens.errors.MedlensError`
+    for a bad input); what it returns travels to the model replica once. ``answer`` generates for a batch of
+    prepared units on a loaded backend and returns one JSON-ready record per unit, in order."""
+
+    def prepare(self, unit: Unit) -> Any: ...
+
+    def answer(self, backend: Backend, units: list[Unit], prepared: list[Any]) -> list[dict[str, Any]]: ...
