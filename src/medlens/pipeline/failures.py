@@ -33,9 +33,10 @@ def prepare_one(stages: Stages, unit: Unit) -> tuple[Any, dict[str, Any] | None]
 def answer_batch(
     stages: Stages, backend: Backend, units: list[Unit], prepared: list[Any], on_outcome: Callable[[Outcome], None]
 ) -> None:
-    """Answer a batch; when the batch fails, answer its units one by one so only the bad one fails."""
+    """Generate every request of a batch of units in one call, then finish each unit; when the batch fails,
+    answer its units one by one so only the bad one fails (a prompt over the context, a parser bug)."""
     try:
-        records = stages.answer(backend, units, prepared)
+        records = _answer(stages, backend, units, prepared)
     except Exception as exc:
         if len(units) == 1:
             on_outcome(Outcome(units[0].key, units[0].row, error=describe(exc, "answer")))
@@ -45,3 +46,14 @@ def answer_batch(
         return
     for unit, record in zip(units, records, strict=True):
         on_outcome(Outcome(unit.key, unit.row, result=record))
+
+
+def _answer(stages: Stages, backend: Backend, units: list[Unit], prepared: list[Any]) -> list[dict[str, Any]]:
+    per_unit = [stages.requests(unit, one) for unit, one in zip(units, prepared, strict=True)]
+    outputs = backend.generate([request for requests in per_unit for request in requests])
+    records, start = [], 0
+    for unit, one, requests in zip(units, prepared, per_unit, strict=True):
+        mine = list(outputs[start : start + len(requests)])
+        start += len(requests)
+        records.append(stages.finish(unit, one, mine, backend))
+    return records

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from medlens.backends import Backend, load_backend
+from medlens.backends import Backend, GenerationOutput, GenerationRequest, load_backend
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,20 @@ class Outcome:
 
 
 class Stages(Protocol):
-    """A consumer's two stages. The object is pickled to Ray workers, so keep it a plain dataclass whose
-    fields are names and settings, not loaded models or open files.
+    """A consumer's stages. The object is pickled to Ray workers, so keep it a plain dataclass whose fields
+    are names and settings, not loaded models or open files.
 
-    ``prepare`` reads and prepares one unit on a CPU worker (raise :class:`~medlens.errors.MedlensError`
-    for a bad input); what it returns travels to the model replica once. ``answer`` generates for a batch of
-    prepared units on a loaded backend and returns one JSON-ready record per unit, in order."""
+    - ``prepare`` reads and prepares one unit on a CPU worker (raise :class:`~medlens.errors.MedlensError`
+      for a bad input); what it returns travels to the model replica once.
+    - ``requests`` are the unit's prompts (a task may ask several); the pipeline generates them, batched
+      across units, on whichever engine runs the model.
+    - ``finish`` turns the unit's outputs (one per request, in order) into its JSON-ready record. ``backend``
+      is the loaded model when there is one (a second stage may ask it again); None on Ray's own vLLM path."""
 
     def prepare(self, unit: Unit) -> Any: ...
 
-    def answer(self, backend: Backend, units: list[Unit], prepared: list[Any]) -> list[dict[str, Any]]: ...
+    def requests(self, unit: Unit, prepared: Any) -> list[GenerationRequest]: ...
+
+    def finish(
+        self, unit: Unit, prepared: Any, outputs: list[GenerationOutput], backend: Backend | None
+    ) -> dict[str, Any]: ...
