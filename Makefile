@@ -111,6 +111,7 @@ bench: install
 	$(BIN)/python bench/http_concurrency.py
 	$(BIN)/python bench/serve_load.py
 	$(BIN)/python bench/dicomweb_fetch.py
+	$(BIN)/python bench/search_scale.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) demo-output build *.egg-info src/*.egg-info

@@ -30,14 +30,16 @@ import json, sys
 
 
 def main():
-    from medlens.backends import GenerationRequest
+    from medlens.backends import GenerationRequest, identify_backend
     from medlens.backends.vllm_backend import VLLMBackend
 
     backend = VLLMBackend(sys.argv[1], dtype="float32", kv_cache_memory_bytes=512 * 2**20, enforce_eager=True)
     prompts = json.loads(sys.argv[2])
     requests = [GenerationRequest([{"role": "user", "content": p}], max_new_tokens=12) for p in prompts]
     outputs = backend.generate(requests)
+    predicted = identify_backend(sys.argv[1], "vllm")  # what a batch driver keys rows by, without vLLM loaded
     print("RESULT " + json.dumps({"version": backend.vllm_version, "warning": backend.model_warning,
+        "identity": [predicted.revision == backend.revision, predicted.model_warning == backend.model_warning],
         "outputs": [[o.text, o.prompt_tokens, o.completion_tokens, o.finish_reason] for o in outputs]}))
 
 
@@ -84,3 +86,4 @@ def test_vllm_greedy_answers_equal_the_transformers_backend(exported, tmp_path):
     # the same prompt tokens (one <bos>: vLLM adds it, medlens strips the template's), the same greedy tokens
     assert served["outputs"] == ours, (served["version"], sys.version)
     assert served["warning"] is None  # the installed version is inside the supported range
+    assert served["identity"] == [True, True]  # identify_backend predicts the loaded engine's revision and warning

@@ -4,17 +4,21 @@ prepares; uncompressed files never start the pool; frames stream through a bound
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
+import warnings
 
 import numpy as np
 import pydicom
 import pytest
+from conftest import pydicom_data_dir, pydicom_test_dir
 from pydicom.uid import RLELossless
 
 from medlens.api import prepare_study
-from medlens.errors import CorruptFileError
-from medlens.io import worker_pool
+from medlens.errors import CorruptFileError, InputError
+from medlens.io import dicom_pixels, worker_pool
+from medlens.io.dicom_header import read_instance
 from medlens.io.dicom_pixels import PIXEL_DECODERS, FrameReader
 
 
@@ -109,6 +113,30 @@ def test_prefetch_keeps_a_bounded_window_and_streams_in_order(tmp_path, pydicom_
     np.testing.assert_array_equal(np.concatenate(chunks), reference)
 
 
+def test_the_window_stays_full_while_a_chunk_is_collected(tmp_path, pydicom_file, pool_settings):
+    """Each task that comes back sends the next planned one out at once (the workers never wait for the
+    parent to finish a chunk): at every collected task the window is still full."""
+    from medlens.io.dicom_header import read_instance
+    from medlens.io.dicom_series import build_series
+
+    pool_settings(workers=2)
+    folder = _rle_series(tmp_path / "s", pydicom_file, 24)
+    (cand,) = build_series([read_instance(p, p.name) for p in sorted(folder.iterdir())])
+    reader = FrameReader(cand.entries, color=False)
+    reader.prefetch(list(range(24)))
+    window = reader._window()
+    seen: list[int] = []
+    collect = reader._frames
+
+    def counting(unit):
+        seen.append(len(reader._running))  # tasks decoding or queued, this one included
+        return collect(unit)
+
+    reader._frames = counting
+    reader.load(range(8))
+    assert len(seen) == 8 and min(seen) >= window, seen
+
+
 def test_workers_follow_usable_cores():
     import os
 
@@ -165,3 +193,50 @@ def test_a_decoder_crash_in_an_upload_is_a_400_and_the_server_stays_healthy(
         assert client.get("/health").status_code == 200
         response = client.post("/v1/analyze", files=parts(good), data={"question": "Any findings?"})
         assert response.status_code == 200, response.text
+
+
+def test_decoding_at_the_pixel_offset_equals_pydicom_reading_the_file(capfd):
+    """Frames decoded from the pixel data offset with the header's options equal pydicom's own reading of
+    the file (``pixel_array``/``iter_pixels`` by path), on every encapsulated corpus file that pydicom decodes."""
+    from pydicom.pixels import iter_pixels, pixel_array
+
+    files = [p for root in (pydicom_test_dir(), pydicom_data_dir()) if root for p in sorted(root.rglob("*.dcm"))]
+    checked = 0
+    start = time.perf_counter()
+    for path in files:
+        try:
+            inst = read_instance(path, path.name)
+        except InputError:
+            continue
+        task = dicom_pixels.with_decode_options(dicom_pixels._task(inst, tuple(range(min(inst.n_frames, 2)))), inst)
+        if not task.options:
+            continue
+        plugin = dicom_pixels.decoding_plugin_for(task.transfer_syntax)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                if inst.n_frames > 1:
+                    expected = list(iter_pixels(path, indices=list(task.frames), decoding_plugin=plugin))
+                else:
+                    expected = [pixel_array(path, decoding_plugin=plugin)]
+            except Exception:
+                continue  # pydicom cannot read it by path either: the fallbacks are tested elsewhere
+            got = dicom_pixels._frames_at_offset(task, plugin)
+        assert len(got) == len(expected), path.name
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == b.dtype, path.name
+            np.testing.assert_array_equal(a, b, err_msg=path.name)
+        checked += 1
+    capfd.readouterr()  # openjpeg's notes on damaged files
+    assert checked >= 40
+    assert time.perf_counter() - start < 30
+
+
+def test_a_task_without_header_options_decodes_the_same(tmp_path, pydicom_file):
+    """The decoder falls back to reading the header itself (a task from an older caller, damaged values)."""
+    folder = _rle_series(tmp_path / "s", pydicom_file, 1)
+    inst = read_instance(next(folder.iterdir()), "slice")
+    task = dicom_pixels.with_decode_options(dicom_pixels._task(inst, (0,)), inst)
+    assert task.options and task.offset == inst.pixels.offset
+    bare = dataclasses.replace(task, options=(), offset=None)
+    np.testing.assert_array_equal(dicom_pixels.pydicom_frames(task)[0], dicom_pixels.pydicom_frames(bare)[0])

@@ -15,9 +15,9 @@ import pytest
 from eval_data import build_all
 from scripted import ScriptedBackend
 
-from medlens.journal import Journal
 from medlens.eval.registry import benchmark_files, get_benchmark
 from medlens.eval.runner import RESULTS, SAMPLES, run_benchmark
+from medlens.journal import Journal
 
 BUILTIN = sorted(benchmark_files())
 

@@ -77,8 +77,29 @@ class BackendIdentity:
     adapter: dict[str, str] | None = None
 
 
-#: engines whose revision is the fingerprint of the local weights folder (see :func:`identify_backend`)
-_FOLDER_FINGERPRINT_ENGINES = ("transformers",)
+def _no_engine_warning() -> str | None:
+    return None
+
+
+def _vllm_version_warning() -> str | None:
+    """What the vllm backend warns about the installed vLLM, read from its metadata (vLLM is not imported:
+    a batch driver keys rows without a GPU engine of its own)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from medlens.backends.vllm_backend import version_warning
+
+    try:
+        return version_warning(version("vllm"))
+    except PackageNotFoundError:  # the replicas have it, the driver need not
+        return None
+
+
+#: engines whose revision is the fingerprint of the local weights folder (see :func:`identify_backend`),
+#: with what each adds to the model's warning
+_FOLDER_FINGERPRINT_ENGINES: dict[str, Callable[[], str | None]] = {
+    "transformers": _no_engine_warning,
+    "vllm": _vllm_version_warning,
+}
 
 
 def identify_backend(model: str, engine: str = "transformers", **options: Any) -> BackendIdentity | None:
@@ -98,14 +119,15 @@ def identify_backend(model: str, engine: str = "transformers", **options: Any) -
         info = read_adapter(options["adapter"])
         info.check_base(model, revision)
         revision, adapter = info.fingerprint(revision), info.identity()
-    revision = quantized_revision(revision, options.get("quantization"))
+    revision = quantized_revision(revision, options.get("quantization"))  # unchanged without quantization
+    warnings = [w for w in (source.warning, _FOLDER_FINGERPRINT_ENGINES[engine]()) if w]
     return BackendIdentity(
         engine=engine,
         model_name=model,
         revision=revision,
         default_max_new_tokens=source.default_max_new_tokens,
         is_test_model=source.is_test_model,
-        model_warning=source.warning,
+        model_warning="; ".join(warnings) or None,
         adapter=adapter,
     )
 

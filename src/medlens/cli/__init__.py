@@ -13,12 +13,12 @@ import sys
 import typer
 
 from medlens import DISCLAIMER
-from medlens.cli import ask, deid, demo, evaluate, finetune, overlap, prepare, serve, siglip
+from medlens.cli import ask, batch, deid, demo, evaluate, finetune, overlap, prepare, serve, siglip
 from medlens.errors import MedlensError
 from medlens.interrupts import Interrupted, install_handlers
 
 #: the command groups, in the order ``medlens --help`` lists them
-COMMAND_GROUPS = (prepare, ask, evaluate, siglip, demo, serve, deid, overlap, finetune)
+COMMAND_GROUPS = (prepare, ask, evaluate, batch, siglip, demo, serve, deid, overlap, finetune)
 
 app = typer.Typer(
     name="medlens",

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from medlens.cli.options import OUTPUT, ModelChoice, Output, model_group, uses
 from medlens.errors import MedlensError
+
+if TYPE_CHECKING:
+    from medlens.pipeline import RaySettings
 
 
 @uses(model_group("test-tiny", "Model (as for ask)."), OUTPUT)
@@ -25,17 +28,32 @@ def eval_command(
     recipe: Annotated[
         str, typer.Option(help="Preparation recipe (medgemma-1.5, or a parity recipe: see docs/recipe.md).")
     ] = "medgemma-1.5",
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Run on Ray: local (a private Ray here), auto (this machine's cluster) or host:port.",
+            rich_help_panel="Ray",
+        ),
+    ] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="Model replicas (with --ray).", rich_help_panel="Ray")] = 1,
+    gpus_per_replica: Annotated[
+        float, typer.Option(min=0, help="GPUs per model replica (with --ray).", rich_help_panel="Ray")
+    ] = 0.0,
     *,
     model: ModelChoice,
     output: Output,
 ) -> None:
     """Run a benchmark (resumable: rerun the same command after a crash), or --list them. With --adapter the
-    outputs are keyed by the adapter too (nothing of the base model is reused) and go to their own folder."""
+    outputs are keyed by the adapter too (nothing of the base model is reused) and go to their own folder.
+    With --ray the items are prepared and answered on a Ray cluster (same journal, same results)."""
     if list_:
         _list_benchmarks()
         return
     if not benchmark:
         raise MedlensError("give --benchmark NAME (see medlens eval --list)")
+    settings = ray_settings(ray, replicas, gpus_per_replica)
     from medlens.eval.runner import run_benchmark
 
     name = model.name or "test-tiny"
@@ -55,6 +73,7 @@ def eval_command(
         judge=judge,
         recipe=recipe,
         reporter=output.reporter,
+        ray=settings,
     )
     published = results["published"]
     for metric, m in results["metrics"].items():
@@ -70,6 +89,20 @@ def eval_command(
         typer.echo(line)
     typer.echo(summary_line(results, run_dir))
     output.note(results.get("warnings", []))
+
+
+def ray_settings(address: str | None, replicas: int, gpus_per_replica: float) -> RaySettings | None:
+    """The :class:`~medlens.pipeline.RaySettings` of ``--ray``; None without it (then --replicas and
+    --gpus-per-replica, which mean nothing locally, are refused)."""
+    if address is None:
+        if replicas != 1 or gpus_per_replica:
+            raise MedlensError("--replicas and --gpus-per-replica need --ray (local, auto or host:port)")
+        return None
+    if not address.strip():
+        raise MedlensError("--ray needs an address: local, auto or host:port")
+    from medlens.pipeline import RaySettings
+
+    return RaySettings(address=address.strip(), replicas=replicas, gpus_per_replica=gpus_per_replica)
 
 
 def summary_line(results: dict, run_dir: Path) -> str:

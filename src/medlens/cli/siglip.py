@@ -57,25 +57,94 @@ def _studies(
     return list(embed_studies(encoder, refs, batch_size, study.recipe, study.series, study.modality, output.reporter))
 
 
+RAY_PANEL = "Ray"
+FORMATS = ("npz", "parquet")
+
+
 @uses(MODEL, STUDY, OUTPUT)
 def embed(
     inputs: Annotated[list[Path] | None, typer.Argument(help=INPUTS_HELP)] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The .npz file to write.")] = Path("embeddings.npz"),
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="The .npz file (default embeddings.npz), or the Parquet folder to write."),
+    ] = None,
     text: Annotated[list[str] | None, typer.Option("--text", "-t", help="Also embed this text (repeatable).")] = None,
     batch_size: BatchOpt = 8,
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="npz (one file, default) or parquet (a folder of shards; default with --ray)."),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Run on Ray: local (a private Ray here), auto (this machine's cluster) or host:port.",
+            rich_help_panel=RAY_PANEL,
+        ),
+    ] = None,
+    replicas: Annotated[
+        int, typer.Option(min=1, help="Encoder replicas (actors), with --ray.", rich_help_panel=RAY_PANEL)
+    ] = 1,
+    gpus_per_replica: Annotated[
+        float, typer.Option(min=0, help="GPUs per encoder replica, with --ray.", rich_help_panel=RAY_PANEL)
+    ] = 0.0,
+    cpus_per_prepare: Annotated[
+        float, typer.Option(min=0.1, help="CPUs per study preparation task, with --ray.", rich_help_panel=RAY_PANEL)
+    ] = 1.0,
     *,
     model: ModelChoice,
     study: StudyChoice,
     output: Output,
 ) -> None:
-    """Write MedSigLIP embeddings (one per image, L2-normalised) of studies and texts to an .npz file."""
+    """Write MedSigLIP embeddings (one per image, L2-normalised) of studies and texts to an .npz file, or of a
+    whole archive to Parquet shards (--format parquet, --ray: a bad study fails alone, see errors.jsonl)."""
+    from medlens.siglip.inputs import expand_inputs
+
+    chosen = fmt or ("parquet" if ray is not None else "npz")
+    if chosen not in FORMATS:
+        raise MedlensError(f"--format must be npz or parquet, not {chosen!r}")
+    settings = _ray_settings(ray, replicas, gpus_per_replica, cpus_per_prepare)
+    refs = expand_inputs(inputs or [])
+    if chosen == "parquet":
+        if text:
+            raise MedlensError("--text goes into an .npz (--format npz); Parquet folders hold image embeddings")
+        if out is None:
+            raise MedlensError("--format parquet needs --out DIR, the folder for the shards")
+        _embed_archive(refs, out, batch_size, settings, model, study, output)
+        return
+    if settings is not None:
+        raise MedlensError("--ray writes Parquet shards: use --format parquet (the default with --ray)")
+    _embed_npz(refs, out or Path("embeddings.npz"), list(text or []), batch_size, model, study, output)
+
+
+def _ray_settings(address: str | None, replicas: int, gpus: float, cpus_per_prepare: float) -> Any:
+    """The :class:`~medlens.pipeline.RaySettings` of ``--ray``; None without it."""
+    if address is None:
+        if replicas != 1 or gpus or cpus_per_prepare != 1.0:
+            raise MedlensError("--replicas, --gpus-per-replica and --cpus-per-prepare go with --ray ADDRESS")
+        return None
+    if not address.strip():
+        raise MedlensError("--ray needs an address: local, auto or host:port")
+    from medlens.pipeline import RaySettings
+
+    return RaySettings(
+        address=address.strip(), replicas=replicas, gpus_per_replica=gpus, cpus_per_prepare=cpus_per_prepare
+    )
+
+
+def _embed_npz(
+    refs: list[InputRef],
+    out: Path,
+    texts: list[str],
+    batch_size: int,
+    model: ModelChoice,
+    study: StudyChoice,
+    output: Output,
+) -> None:
     import numpy as np
 
     from medlens.siglip.embedding_file import EmbeddingFile
-    from medlens.siglip.inputs import expand_inputs
 
-    texts = list(text or [])
-    refs = expand_inputs(inputs or [])
     if not refs and not texts:
         raise MedlensError("nothing to embed: give studies and/or --text")
     encoder = _encoder(model)
@@ -99,6 +168,60 @@ def embed(
             "n_images": len(result.sources),
             "n_texts": len(texts),
             "warnings": _warnings(encoder, *[s.warnings for s in studies]),
+            "disclaimer": DISCLAIMER,
+        }
+    )
+
+
+def _embed_archive(
+    refs: list[InputRef],
+    out: Path,
+    batch_size: int,
+    settings: Any,
+    model: ModelChoice,
+    study: StudyChoice,
+    output: Output,
+) -> None:
+    """Studies -> Parquet shards in ``out``, here or on Ray; failed studies in ``out/errors.jsonl``."""
+    import time
+
+    from medlens.backends import check_engine_options
+    from medlens.siglip.archive import Collector, EncoderSpec, PrepareStudy, embed_local, input_rows, model_info
+    from medlens.siglip.embedding_shards import ShardWriter
+    from medlens.siglip.encoder import SiglipEncoder
+
+    if not refs:
+        raise MedlensError("nothing to embed: give studies or a CSV of them")
+    check_engine_options("MedSigLIP", SiglipEncoder, model.args)
+    spec = EncoderSpec(model.name or DEFAULT_MODEL, model.device, model.dtype, dict(model.args))
+    info = model_info(spec)
+    spec = EncoderSpec(info.name, model.device, model.dtype, dict(model.args))
+    prepare = PrepareStudy(info.image_size, study.recipe, study.series, study.modality)
+    collector = Collector(ShardWriter(out, info.name, info.fingerprint, info.dim))
+    rows = input_rows(refs)
+    start = time.perf_counter()
+    if settings is None:
+        embed_local(rows, prepare, spec, collector, batch_size, output.reporter)
+    else:
+        from medlens.siglip.archive_ray import embed_ray
+
+        embed_ray(rows, prepare, spec, collector, batch_size, settings, output.reporter)
+    wall = round(time.perf_counter() - start, 3)
+    runner = {"runner": "local"} if settings is None else {"runner": "ray", "ray": settings.address}
+    manifest = collector.writer.close(recipe=study.recipe, wall_s=wall, **runner)
+    warnings = [info.warning] if info.warning else []
+    warnings.extend(w for w in collector.warnings if w not in warnings)
+    print_json(
+        {
+            "out": str(out),
+            "model": info.name,
+            "fingerprint": info.fingerprint,
+            "dim": info.dim,
+            **{k: manifest[k] for k in ("n_studies", "n_images", "n_failed", "shards")},
+            "errors": str(out / manifest["errors"]) if manifest["n_failed"] else None,
+            **runner,
+            "wall_s": wall,
+            "warnings": warnings,
             "disclaimer": DISCLAIMER,
         }
     )
@@ -345,11 +468,14 @@ IndexArg = Annotated[Path, typer.Argument(help="Index folder.")]
 INDEX_MODEL = model_group(None, f"Model (default: the index's own; {DEFAULT_MODEL} for a new index).", engines=False)
 
 
+ADD_HELP = INPUTS_HELP + " Or embeddings made already: a `medlens embed` .npz or Parquet folder."
+
+
 @search_app.command("add")
 @uses(INDEX_MODEL, STUDY, OUTPUT)
 def search_add(
     index: IndexArg,
-    inputs: InputsArg,
+    inputs: Annotated[list[Path], typer.Argument(help=ADD_HELP)],
     label: Annotated[str | None, typer.Option(help="Label of the studies (a CSV's own labels win).")] = None,
     note: Annotated[str | None, typer.Option(help="A note stored with the studies.")] = None,
     batch_size: BatchOpt = 8,
@@ -358,18 +484,118 @@ def search_add(
     study: StudyChoice,
     output: Output,
 ) -> None:
-    """Add studies (one embedding per image) to the index, creating it if needed; already indexed ones are skipped."""
+    """Add studies (one embedding per image) to the index, creating it if needed; already indexed ones are skipped.
+    Embeddings from `medlens embed` (.npz, or the Parquet folder of --format parquet / --ray) are added as they
+    are, without the model, if they were made with the index's model."""
+    from medlens.siglip.index import SiglipIndex
+    from medlens.siglip.inputs import InputRef, expand_inputs
+
+    stored = [p for p in inputs if _is_embeddings(p)]
+    studies = [p for p in inputs if not _is_embeddings(p)]
+    existing = _open_index(index)
+    refs = [InputRef(r.path.resolve(), r.label if r.label is not None else label) for r in expand_inputs(studies)]
+    added = skipped = already = 0
+    notes: list[str] = []
+    for path in stored:
+        outcome = _add_stored(index, existing, path, label, note, model)
+        added, skipped = added + outcome.added, skipped + outcome.skipped
+        existing = existing or SiglipIndex.open(index)
+    if refs:
+        one_added, one_skipped, already, notes = _add_studies(
+            index, existing, refs, note, batch_size, model, study, output
+        )
+        added, skipped = added + one_added, skipped + one_skipped
+    store = SiglipIndex.open(index)
+    if store.method_for("auto") == "ann":
+        store.sync_graph()  # the next query finds the graph current
+    print_json(
+        {
+            "index": str(index),
+            "model": store.model,
+            "added_images": added,
+            "skipped_images": skipped,
+            "skipped_studies_already_indexed": already,
+            "count": len(store),
+            "search": store.method_for("auto"),
+            "warnings": notes,
+            "disclaimer": DISCLAIMER,
+        }
+    )
+
+
+def _is_embeddings(path: Path) -> bool:
+    from medlens.siglip.embedding_shards import is_embedding_folder
+
+    return path.suffix.lower() == ".npz" or is_embedding_folder(path)
+
+
+def _add_stored(
+    index: Path, existing: SiglipIndex | None, path: Path, label: str | None, note: str | None, model: ModelChoice
+) -> Any:
+    """Embeddings of a `medlens embed` .npz or Parquet folder, refused unless made with the index's model (or
+    with ``--model`` when given)."""
     import numpy as np
 
     from medlens.siglip.index import IndexEntry, SiglipIndex
-    from medlens.siglip.inputs import InputRef, expand_inputs
 
-    existing = _open_index(index)
+    if path.suffix.lower() == ".npz":
+        from medlens.siglip.embedding_file import EmbeddingFile
+
+        npz = EmbeddingFile.load(path)
+        vectors, name, fingerprint, dim = npz.embeddings, npz.model, npz.fingerprint, npz.dim
+        rows = [
+            (str(Path(s).resolve()), i, lab or None)
+            for s, i, lab in zip(npz.sources, npz.images, npz.labels, strict=True)
+        ]
+    else:
+        from medlens.siglip.embedding_shards import EmbeddingFolder
+
+        folder = EmbeddingFolder.open(path)
+        vectors, fields = folder.read()
+        name, fingerprint, dim = folder.model, folder.fingerprint, folder.dim
+        rows = [(f["path"], int(f["image"]), f["label"] or None) for f in fields]
+    if model.name is not None:
+        wanted = _fingerprint_of(model.name)
+        if wanted != fingerprint:
+            raise MedlensError(
+                f"these embeddings were made with model {name!r} (fingerprint {fingerprint}), not with --model "
+                f"{model.name} (fingerprint {wanted})",
+                str(path),
+            )
+    if existing is not None:
+        existing.check_compatible(name, fingerprint, dim)
+    entries = [IndexEntry(source, image, lab if lab is not None else label, note) for source, image, lab in rows]
+    store = SiglipIndex.open_or_create(index, name, fingerprint, dim)
+    return store.add(np.asarray(vectors, np.float32).reshape(len(entries), dim), entries)
+
+
+def _fingerprint_of(name: str) -> str:
+    from medlens.models.builtins import EMBED
+    from medlens.models.fingerprint import model_fingerprint
+    from medlens.models.resolve import resolve_model
+
+    return model_fingerprint(resolve_model(name, EMBED).path)
+
+
+def _add_studies(
+    index: Path,
+    existing: SiglipIndex | None,
+    refs: list[InputRef],
+    note: str | None,
+    batch_size: int,
+    model: ModelChoice,
+    study: StudyChoice,
+    output: Output,
+) -> tuple[int, int, int, list[str]]:
+    """Embed and add studies a chunk at a time: (added, skipped images, studies already indexed, warnings)."""
+    import numpy as np
+
+    from medlens.siglip.index import IndexEntry, SiglipIndex
+
     encoder = _encoder(model, model.name or (existing.model if existing else DEFAULT_MODEL))
     if existing is not None:
         existing.check_compatible(encoder.name, encoder.fingerprint, encoder.dim)
     indexed = existing.sources() if existing is not None else set()
-    refs = [InputRef(r.path.resolve(), r.label if r.label is not None else label) for r in expand_inputs(inputs)]
     todo = [r for r in refs if r.source not in indexed]
     added = skipped = 0
     notes: list[str] = []
@@ -382,16 +608,38 @@ def search_add(
         outcome = store.add(vectors, entries)
         added, skipped = added + outcome.added, skipped + outcome.skipped
         notes.extend(w for s in studies for w in s.warnings)
-    store = SiglipIndex.open_or_create(index, encoder.name, encoder.fingerprint, encoder.dim)
+    if not todo:
+        SiglipIndex.open_or_create(index, encoder.name, encoder.fingerprint, encoder.dim)
+    return added, skipped, len(refs) - len(todo), _warnings(encoder, notes)
+
+
+@search_app.command("remove")
+def search_remove(
+    index: IndexArg,
+    studies: Annotated[
+        list[Path] | None, typer.Argument(help="Studies to take out (every image of each), as they were added.")
+    ] = None,
+    item_id: Annotated[
+        list[int] | None, typer.Option("--id", help="Also take out this image by its id (repeatable).")
+    ] = None,
+) -> None:
+    """Take studies (or single images by id) out of the index; they are never found again, and adding them
+    again indexes them anew."""
+    from medlens.siglip.index import SiglipIndex
+
+    if not studies and not item_id:
+        raise MedlensError("give the studies to remove and/or --id N")
+    store = SiglipIndex.open(index)
+    outcome = store.remove(sources=[str(p.resolve()) for p in studies or []], ids=item_id or [])
+    if store.method_for("auto") == "ann":
+        store.sync_graph()
     print_json(
         {
             "index": str(index),
-            "model": store.model,
-            "added_images": added,
-            "skipped_images": skipped,
-            "skipped_studies_already_indexed": len(refs) - len(todo),
+            "removed_images": outcome.removed,
+            "removed_studies": outcome.studies,
+            "not_in_index": outcome.not_found,
             "count": len(store),
-            "warnings": _warnings(encoder, notes),
             "disclaimer": DISCLAIMER,
         }
     )
@@ -404,6 +652,9 @@ def search_query(
     input: Annotated[Path | None, typer.Argument(help="A study to find similar cases for.")] = None,
     text: Annotated[str | None, typer.Option("--text", help="Search by a text description instead.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many results.")] = 5,
+    method: Annotated[
+        str, typer.Option(help="auto (exact for small indexes, else the HNSW graph), exact or ann.")
+    ] = "auto",
     *,
     model: ModelChoice,
     study: StudyChoice,
@@ -416,6 +667,7 @@ def search_query(
     if (input is None) == (text is None):
         raise MedlensError("give either a study to search with or --text, not both or neither")
     store = SiglipIndex.open(index)
+    chosen = store.method_for(method)
     encoder = _encoder(model, model.name or store.model)
     store.check_compatible(encoder.name, encoder.fingerprint, encoder.dim)
     notes: list[str] = []
@@ -427,12 +679,13 @@ def search_query(
         notes = one.warnings
     else:
         vector, query = encoder.embed_texts([text or ""])[0], {"text": text}
-    hits = store.search(vector, top_k)
+    hits = store.search(vector, top_k, method=chosen)
     print_json(
         {
             "index": str(index),
             "model": store.model,
             "query": query,
+            "method": chosen,
             "results": [hit.as_dict() for hit in hits],
             "warnings": _warnings(encoder, notes),
             "disclaimer": DISCLAIMER,

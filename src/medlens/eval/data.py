@@ -22,7 +22,8 @@ def data_root(explicit: str | Path | None = None) -> Path:
 
 def load_items(spec: BenchmarkSpec, root: Path, limit: int | None = None) -> list[Item]:
     """The benchmark's items (each with an ``id``), renamed per ``data.fields``; paths stay relative to the
-    manifest's folder and are resolved by the hooks through ``item["_base"]``."""
+    manifest's folder and are resolved by the hooks through ``item["_base"]``, an absolute folder (the same
+    for a Ray worker, whose working directory is its own)."""
     if spec.data.loader:
         items = loader_function(spec.data.loader)(**spec.options.get("loader_options", {}))
         base = root
@@ -35,7 +36,7 @@ def load_items(spec: BenchmarkSpec, root: Path, limit: int | None = None) -> lis
     for number, raw in enumerate(items):
         item = {key: raw.get(column) for key, column in spec.data.fields.items()} if spec.data.fields else dict(raw)
         item.setdefault("id", str(raw.get("id", number)))
-        item["_base"] = str(base)
+        item["_base"] = str(Path(base).absolute())
         out.append(item)
     if not out:
         raise InputError(f"benchmark {spec.name} has no items", str(root / (spec.data.path or "")))

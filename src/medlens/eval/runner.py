@@ -11,6 +11,12 @@ The run streams: only the items the journal lacks are prepared, one batch at a t
 about one study stay in one batch, sharing its preparation and prefix), and each batch's images are dropped
 once its outputs are journaled, so memory stays that of a batch, not of the benchmark. What scoring needs
 later (the prompt text, the parser's context such as a padded image size) is journaled with each output.
+
+With ``ray`` (:class:`~medlens.pipeline.RaySettings`) the missing items go through :mod:`medlens.pipeline` on
+a Ray cluster instead (:mod:`medlens.eval.pipelined`): the same keys, journal records and results. The local
+path stays this module's own streaming loop: it journals each output the moment the engine hands it back
+(mid-batch, through ``on_output``) and stops at an engine failure, which the pipeline, answering a batch of
+studies at a time and finishing the other studies first, does not.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import inspect
 import json
 import platform
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,26 +36,30 @@ from medlens.backends import (
     Backend,
     BackendIdentity,
     GenerationOutput,
-    GenerationRequest,
     identify_backend,
     load_backend,
 )
 from medlens.backends.base import GenerationFailed
 from medlens.errors import MedlensError
 from medlens.eval.data import data_root, load_items
-from medlens.journal import JOURNAL, Journal
 from medlens.eval.kinds import Item, Kind, Query
+from medlens.eval.pipelined import generate_on_pipeline, study_units
 from medlens.eval.registry import get_benchmark, make_kind
 from medlens.eval.spec import BenchmarkSpec, Generation
+from medlens.eval.stages import EvalStages, deidentify, journal_record, prompt_text, request_for, spec_digest
 from medlens.files import sha256_of, write_json_atomic, write_jsonl_atomic
 from medlens.interrupts import on_interrupt
+from medlens.journal import JOURNAL, Journal
 from medlens.models import BUILTIN_MODELS
+from medlens.pipeline import BackendSpec, RaySettings
 from medlens.prep.recipes import DEFAULT_RECIPE, RECIPES
 from medlens.progress import Reporter
 from medlens.warnings_capture import capture_warnings
 
 SAMPLES = "samples.jsonl"
 RESULTS = "results.json"
+#: the scrubbing of queries for a remote backend, now in medlens.eval.stages (shared with the Ray path)
+_deidentify = deidentify
 
 
 def run_benchmark(
@@ -67,10 +76,13 @@ def run_benchmark(
     n_resamples: int = 1000,
     judge: str | Backend | None = None,
     reporter: Reporter | None = None,
+    ray: RaySettings | None = None,
 ) -> dict[str, Any]:
     """Run ``benchmark`` with ``model``; writes samples.jsonl, results.json and the journal to ``out_dir``.
     ``judge`` (any model) additionally grades free-text predictions for benchmarks that allow it; both load
-    with ``engine`` and ``backend_options`` (device, dtype, engine arguments)."""
+    with ``engine`` and ``backend_options`` (device, dtype, engine arguments). With ``ray`` the missing items
+    are prepared and generated on a Ray cluster (the model loads on its replicas); a failed item fails only
+    itself, and once the others are journaled :class:`~medlens.eval.pipelined.ItemsFailedError` names it."""
     spec, spec_path = get_benchmark(benchmark)
     RECIPES.get(recipe)  # an unknown recipe fails before anything is read or loaded
     kind = make_kind(spec, spec_path, recipe)
@@ -101,14 +113,28 @@ def run_benchmark(
     with Journal(out) as journal, on_interrupt(state.describe), capture_warnings() as caught:
         state.journal = journal
         todo = _missing(journal, keys, generation)
-        if todo and backend is None:  # the model loads only when something is left to generate
+        if todo and ray is not None:  # the replicas load the model (and say which revision they loaded)
+            remote = backend.remote if backend is not None else False  # engines known unloaded are local
+            stages = EvalStages(benchmark, str(spec_path), spec_digest(spec), recipe, generation.model_dump(), remote)
+            generate_on_pipeline(
+                journal,
+                stages,
+                study_units(todo, items, files, keys),
+                model if isinstance(model, Backend) else worker_spec(str(model), engine, options),
+                revision=identity.revision,
+                ray=ray,
+                batch_size=batch_size,
+                reporter=reporter,
+                title=f"{spec.name} on Ray ({len(keys) - len(todo)} items reused), studies",
+            )
+        elif todo and backend is None:  # the model loads only when something is left to generate
             backend = load_backend(str(model), engine, **options)
             if _identity(backend) != identity:  # what loaded is not what was predicted: key by what loaded
                 identity = _identity(backend)
                 generation = spec.generation.resolved(identity.default_max_new_tokens)
                 keys[:] = _keys(spec, items, files, identity.revision, generation, hashes, recipe)
                 todo = _missing(journal, keys, generation)
-        if todo:
+        if todo and ray is None:
             assert backend is not None
             _generate_missing(journal, backend, kind, items, files, keys, todo, generation, batch_size, reporter)
         reused = len(keys) - len(todo)
@@ -144,14 +170,6 @@ class _RunState:
         )
 
 
-def _deidentify(queries: list[Any]) -> None:
-    """Scrub the queries' texts for a remote backend, with the names and identifiers found in their files."""
-    from medlens.io.text_deid import phi_terms, scrub_messages
-
-    if sum(scrub_messages(q.messages, phi_terms(q.files)) for q in queries):
-        warnings.warn("the text was de-identified before it was sent to a remote backend", stacklevel=2)
-
-
 def _identity(backend: Backend) -> BackendIdentity:
     """A loaded backend's identity; its revision names the adapter too, so journal keys change with it."""
     return BackendIdentity(
@@ -169,6 +187,16 @@ def _missing(journal: Journal, keys: list[str], generation: Generation) -> list[
     """The items to generate: those not journaled (all of them when sampling)."""
     greedy = generation.temperature == 0
     return [i for i, key in enumerate(keys) if not (greedy and journal.get(key))]
+
+
+def worker_spec(model: str, engine: str, options: dict[str, Any]) -> BackendSpec:
+    """How the replicas load the model: a model folder and an adapter folder given relative to this directory
+    are made absolute (a worker's working directory is its own)."""
+    if Path(model).exists():
+        model = str(Path(model).absolute())
+    if options.get("adapter") is not None:
+        options = {**options, "adapter": str(Path(options["adapter"]).absolute())}
+    return BackendSpec(model, engine, dict(options))
 
 
 def _generate_missing(
@@ -193,16 +221,8 @@ def _generate_missing(
         for batch in study_batches(todo, files, batch_size):
             queries = [kind.query(items[i]) for i in batch]
             if backend.remote:  # text leaving the machine is de-identified (docs/hospital.md)
-                _deidentify(queries)
-            requests = [
-                GenerationRequest(
-                    query.messages,
-                    max_new_tokens=generation.max_new_tokens,
-                    temperature=generation.temperature,
-                    seed=generation.seed,
-                )
-                for query in queries
-            ]
+                deidentify(queries)
+            requests = [request_for(query, generation) for query in queries]
             journaled: set[int] = set()
 
             def save(position: int, output: GenerationOutput, batch=batch, queries=queries, seen=journaled) -> None:
@@ -256,21 +276,10 @@ def _journal(
     queries: list[Query],
     outputs: dict[int, GenerationOutput],
 ) -> None:
-    """Journal each output with what scoring needs later: the prompt text and the parser's context."""
+    """Journal each output with what scoring needs later (:func:`~medlens.eval.stages.journal_record`)."""
     for position, output in sorted(outputs.items()):
-        i, query = batch[position], queries[position]
-        journal.add(
-            {
-                "key": keys[i],
-                "id": items[i]["id"],
-                "raw_output": output.text,
-                "prompt_tokens": output.prompt_tokens,
-                "completion_tokens": output.completion_tokens,
-                "finish_reason": output.finish_reason,
-                "prompt": _prompt_text(query),
-                "context": json.loads(json.dumps(query.context, default=str)),
-            }
-        )
+        i = batch[position]
+        journal.add(journal_record(keys[i], items[i], queries[position], output))
 
 
 def _keys(
@@ -321,7 +330,7 @@ def _sample(
         prompt, context = record.get("prompt", ""), record["context"]
     else:
         query = kind.query(item)
-        prompt, context = _prompt_text(query), query.context
+        prompt, context = prompt_text(query), query.context
     return {
         "id": item["id"],
         "inputs": {str(p): hashes[p] for p in files},
@@ -333,15 +342,6 @@ def _sample(
         "scores": {},
         "key": key,
     }
-
-
-def _prompt_text(query: Query) -> str:
-    parts = []
-    for message in query.messages:
-        content = message.get("content")
-        for part in content if isinstance(content, list) else [{"type": "text", "text": content}]:
-            parts.append("<image>" if part.get("type") == "image" else str(part.get("text", "")))
-    return "\n".join(parts)
 
 
 def _results(

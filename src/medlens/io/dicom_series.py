@@ -98,8 +98,8 @@ def _order_and_check(cand: SeriesCandidate) -> None:
     if len(entries) > 1 and len(oriented) == len(entries):
         first = entries[0].geometry.orientation
         assert first is not None
-        planes = {geometry.plane_name(e.geometry.orientation) for e in entries}
         if not all(geometry.same_orientation(e.geometry.orientation, first) for e in entries):  # type: ignore[arg-type]
+            planes = {geometry.plane_name(e.geometry.orientation) for e in entries}  # only to say which
             cand.problems.append(f"mixed slice orientations in one series ({', '.join(sorted(planes))})")
         normal = geometry.slice_normal(first)
         z = geometry.positions_along(normal, [e.geometry.position for e in entries])  # type: ignore[misc]

@@ -32,6 +32,9 @@ class RaySettings:
     cpus_per_prepare: float = 1.0
     #: CPUs of a private (``local``) Ray; None: all usable cores
     num_cpus: int | None = None
+    #: a row whose worker process dies this many times while working on it alone (a native crash, an abort,
+    #: out of memory) fails with ``WorkerCrashedError``; Ray retries the other rows of those tasks
+    crash_attempts: int = 2
 
 
 @dataclass(frozen=True)
